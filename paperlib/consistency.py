@@ -1,4 +1,4 @@
-"""Paper A's consistency metrics: MCC, PW-MCC, GT-MCC, and the chance level they must beat.
+"""Paper A's consistency metrics: MCC, PW-MCC, GT-MCC, and the baselines they must beat.
 
 A dictionary is a set of directions, one row per latent (an SAE's decoder rows), compared after
 normalising each row to unit length. MCC(A, B) is the mean cosine over the best one-to-one
@@ -9,16 +9,20 @@ matching of size m = min(n_A, n_B), solved exactly as a linear assignment proble
   Every result says which one it used.
 * A zero-norm row (a latent that never learned a direction) has cosine 0 with everything: it
   still takes part in the matching, so dead latents lower MCC rather than being silently dropped.
-* Chance level: the MCC of two independent random Gaussian dictionaries of the same shapes
-  (≈0.46 signed at d=16, n=32), which every consistency plot should show.
-
-The exact dense solver here (scipy) is fine up to a few thousand latents.
+  To leave dead latents out instead, pass ``alive_a`` / ``alive_b`` masks (e.g. activation
+  frequency > 0); m is then the smaller number of live latents.
+* Baselines: ``chance_mcc`` (independent random Gaussian dictionaries of the same shapes, ≈0.46
+  signed at d=16, n=32) and ``untrained_pw_mcc`` (freshly initialised SAEs of a configuration).
+* ``bootstrap_interval`` resamples latents; ``frequency_decomposition`` splits an MCC into
+  activation-frequency bins whose contributions sum to it; ``shared_latents`` is Paulo & Belrose's
+  alternative definition (encoder and decoder matchings agree and both cosines >= 0.7).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -49,20 +53,32 @@ class MatchResult:
     signed: bool
 
 
-def match(A, B, signed: bool = True) -> MatchResult:
-    """Exact maximum-similarity one-to-one matching of the rows of A and B."""
+def _live(mask, n: int, name: str) -> np.ndarray:
+    if mask is None:
+        return np.arange(n)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (n,):
+        raise ValueError(f"{name} must be a boolean vector of length {n} (one per latent), got shape {mask.shape}")
+    if not mask.any():
+        raise ValueError(f"{name} marks every latent dead; nothing to match")
+    return np.flatnonzero(mask)
+
+
+def match(A, B, signed: bool = True, alive_a=None, alive_b=None) -> MatchResult:
+    """Exact maximum-similarity one-to-one matching of the (live) rows of A and B."""
     a, b = as_dictionary(A, "first dictionary"), as_dictionary(B, "second dictionary")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
             f"dictionaries live in different spaces: d_model {a.shape[1]} vs {b.shape[1]}; "
             "compare SAEs trained on the same activations"
         )
-    sim = a @ b.T
+    keep_a, keep_b = _live(alive_a, len(a), "alive_a"), _live(alive_b, len(b), "alive_b")
+    sim = a[keep_a] @ b[keep_b].T
     if not signed:
         sim = np.abs(sim)
     rows, cols = linear_sum_assignment(sim, maximize=True)
     similarity = sim[rows, cols]
-    return MatchResult(float(similarity.mean()), similarity, rows, cols, signed)
+    return MatchResult(float(similarity.mean()), similarity, keep_a[rows], keep_b[cols], signed)
 
 
 def mcc(A, B, signed: bool = True) -> float:
@@ -77,11 +93,13 @@ def _as_runs(dictionaries) -> list:
 
 @dataclass(frozen=True)
 class PairwiseMCC:
-    """PW-MCC over R runs: mean and std over all R(R-1)/2 pairs, and each pair's (i, j, MCC)."""
+    """PW-MCC over R runs: mean and std over all R(R-1)/2 pairs, each pair's (i, j, MCC), and the
+    matchings themselves (per-latent similarity and partner index)."""
 
     mean: float
     std: float
     pairs: list[tuple[int, int, float]]
+    matches: list[MatchResult]
     signed: bool
 
 
@@ -90,9 +108,11 @@ def pw_mcc(dictionaries, signed: bool = True) -> PairwiseMCC:
     runs = _as_runs(dictionaries)
     if len(runs) < 2:
         raise ValueError(f"PW-MCC needs at least two runs, got {len(runs)}; train more seeds")
-    pairs = [(i, j, mcc(runs[i], runs[j], signed)) for i, j in combinations(range(len(runs)), 2)]
-    values = np.array([p[2] for p in pairs])
-    return PairwiseMCC(float(values.mean()), float(values.std()), pairs, signed)
+    index = list(combinations(range(len(runs)), 2))
+    matches = [match(runs[i], runs[j], signed) for i, j in index]
+    values = np.array([m.mcc for m in matches])
+    pairs = [(i, j, m.mcc) for (i, j), m in zip(index, matches)]
+    return PairwiseMCC(float(values.mean()), float(values.std()), pairs, matches, signed)
 
 
 def gt_mcc(ground_truth, dictionaries, signed: bool = True) -> np.ndarray:
@@ -100,9 +120,79 @@ def gt_mcc(ground_truth, dictionaries, signed: bool = True) -> np.ndarray:
     return np.array([mcc(ground_truth, run, signed) for run in _as_runs(dictionaries)])
 
 
+def bootstrap_interval(
+    matches: list[MatchResult], n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of the mean MCC over ``matches`` when each pair's latents are resampled
+    with replacement: the uncertainty that comes from which latents the dictionaries happen to have."""
+    if not matches or n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap_interval needs matches, n_boot >= 1 and 0 < level < 1 (got {n_boot}, {level})")
+    rng = np.random.default_rng(seed)
+    replicates = np.zeros(n_boot)
+    for m in matches:
+        n = len(m.similarity)
+        replicates += m.similarity[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    replicates /= len(matches)
+    tail = (1 - level) / 2
+    return float(np.quantile(replicates, tail)), float(np.quantile(replicates, 1 - tail))
+
+
+@dataclass(frozen=True)
+class FrequencyBins:
+    """Matched pairs binned by the pair's smaller activation frequency. ``contribution`` sums to
+    the MCC: bin b contributes (sum of its pairs' similarities) / m."""
+
+    edges: np.ndarray
+    count: np.ndarray
+    mean_similarity: np.ndarray
+    contribution: np.ndarray
+
+
+def frequency_decomposition(result: MatchResult, freq_a, freq_b, edges) -> FrequencyBins:
+    """Paper A's frequency decomposition of one matching (average the bins over pairs for PW-MCC).
+
+    ``freq_a``/``freq_b``: per-latent activation frequencies (any unit, e.g. per 1M tokens);
+    ``edges``: increasing bin edges covering every pair's minimum frequency."""
+    freq_a, freq_b, edges = (np.asarray(v, dtype=np.float64) for v in (freq_a, freq_b, edges))
+    pair_freq = np.minimum(freq_a[result.rows], freq_b[result.cols])
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"edges must be at least two strictly increasing values, got {edges}")
+    if pair_freq.min() < edges[0] or pair_freq.max() > edges[-1]:
+        raise ValueError(
+            f"bin edges [{edges[0]}, {edges[-1]}] do not cover the pairs' frequencies "
+            f"[{pair_freq.min()}, {pair_freq.max()}]; widen the edges"
+        )
+    which = np.clip(np.searchsorted(edges, pair_freq, side="right") - 1, 0, len(edges) - 2)
+    count = np.bincount(which, minlength=len(edges) - 1)
+    total = np.bincount(which, weights=result.similarity, minlength=len(edges) - 1)
+    mean = np.divide(total, count, out=np.full(len(count), np.nan), where=count > 0)
+    return FrequencyBins(edges, count, mean, total / len(result.similarity))
+
+
+@dataclass(frozen=True)
+class SharedLatents:
+    """Paulo & Belrose's shared latents of A in B: ``shared[i]`` for A's latent ``rows[i]``."""
+
+    fraction: float
+    shared: np.ndarray
+    rows: np.ndarray
+    decoder_cos: np.ndarray
+    encoder_cos: np.ndarray
+
+
+def shared_latents(dec_a, dec_b, enc_a, enc_b, threshold: float = 0.7) -> SharedLatents:
+    """A latent is shared when the decoder and the encoder matchings pick the same partner and
+    both cosines are >= ``threshold``. Encoders are given as directions, one row per latent."""
+    decoder, encoder = match(dec_a, dec_b), match(enc_a, enc_b)
+    if not np.array_equal(decoder.rows, encoder.rows):
+        raise ValueError("encoder and decoder dictionaries must have the same latents as rows [n_latents, d_model]")
+    shared = (decoder.cols == encoder.cols) & (decoder.similarity >= threshold) & (encoder.similarity >= threshold)
+    return SharedLatents(float(shared.mean()), shared, decoder.rows, decoder.similarity, encoder.similarity)
+
+
 @dataclass(frozen=True)
 class Chance:
-    """MCC of random Gaussian dictionaries of given shapes: mean and std over sampled pairs."""
+    """MCC of random dictionaries of given shapes: mean and std over sampled pairs."""
 
     mean: float
     std: float
@@ -119,3 +209,11 @@ def chance_mcc(n_a: int, n_b: int, d: int, n_samples: int = 100, seed: int = 0, 
         [mcc(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed) for _ in range(n_samples)]
     )
     return Chance(float(values.mean()), float(values.std()), n_samples, signed)
+
+
+def untrained_pw_mcc(cfg, n_seeds: int = 3, signed: bool = True) -> PairwiseMCC:
+    """PW-MCC of freshly initialised SAEs of configuration ``cfg`` (a ``paperlib.sae.SAEConfig``):
+    the consistency a training run starts from."""
+    from paperlib.sae import SAEBank
+
+    return pw_mcc(SAEBank(replace(cfg, n_seeds=n_seeds)).decoder_directions(), signed)

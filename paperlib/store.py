@@ -3,7 +3,7 @@
 An entry lives in ``<root>/<namespace>/<key>/`` with ``tensors.safetensors``, ``meta.json`` and
 ``manifest.json`` (the sha256 of every file, written last). The key hashes the namespace, the
 configuration (dataclasses, mappings, numbers, strings) and ``CACHE_VERSION``, which is bumped
-whenever a change in paperlib changes what a configuration computes.
+whenever a change in paperlib changes what an existing configuration computes.
 
 Entries are assembled in a temporary directory and renamed into place, so an interrupted write
 leaves nothing behind under the key. Every load verifies the manifest; a corrupt or partial
@@ -43,9 +43,15 @@ def default_root() -> Path:
 
 
 def jsonable(value: Any) -> Any:
-    """A canonical JSON-ready form of a configuration (dataclasses keep their type name)."""
+    """A canonical JSON-ready form of a configuration. Dataclasses keep their type name and only
+    the fields that differ from their defaults, so adding a field with a default keeps existing
+    cache keys valid (changing a default's meaning requires bumping ``CACHE_VERSION``)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {
+            f.name: jsonable(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default
+        }
         return {"__type__": type(value).__name__, **fields}
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}

@@ -1,0 +1,317 @@
+"""Reading and writing SAE weights, ours and those of the common SAE libraries.
+
+Our banks are saved one seed per directory in the SAELens layout (``cfg.json`` plus
+``sae_weights.safetensors`` with ``W_enc`` [d, n], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d]), so
+SAELens tooling can open them; a ``"paperlib"`` object in ``cfg.json`` keeps our full ``SAEConfig``
+so that ``load_sae`` rebuilds the exact bank.
+
+For consistency metrics only the decoder directions matter, and ``read_decoder`` takes them from:
+
+* ``paperlib``: directory with ``cfg.json`` (with a ``"paperlib"`` key) + ``sae_weights.safetensors``;
+* ``saelens``: directory with ``cfg.json`` + ``sae_weights.safetensors`` (``W_dec`` [d_sae, d_in]),
+  or that ``.safetensors`` file itself;
+* ``sparsify`` (EleutherAI): directory with ``cfg.json`` + ``sae.safetensors`` (``encoder.weight``
+  [n, d], ``encoder.bias`` [n], ``W_dec`` [n, d], ``b_dec`` [d]);
+* ``dictionary_learning`` (saprmarks): ``ae.pt`` state dict (or its directory, with an optional
+  ``config.json``). ``AutoEncoder``, ``GatedAutoEncoder``, ``AutoEncoderTopK`` and ``BatchTopKSAE``
+  keep the decoder as ``nn.Linear(dict_size, activation_dim)``, i.e. ``decoder.weight`` [d, n];
+  ``JumpReluAutoEncoder`` and ``MatryoshkaBatchTopKSAE`` keep ``W_dec`` [n, d] as a parameter.
+
+Every failure names the path and what is wrong with it, since these files come from elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from paperlib.atomic import atomic_path
+from paperlib.sae import SAEBank, SAEConfig
+
+CFG, WEIGHTS, SPARSIFY_WEIGHTS, DL_WEIGHTS, DL_CONFIG = (
+    "cfg.json", "sae_weights.safetensors", "sae.safetensors", "ae.pt", "config.json",
+)
+LAYOUTS = ("paperlib", "saelens", "sparsify", "dictionary_learning")
+_ACCEPTED = (
+    "accepted layouts: paperlib or SAELens (a directory with cfg.json + sae_weights.safetensors, "
+    "or that .safetensors file), sparsify (a directory with cfg.json + sae.safetensors), "
+    "dictionary_learning (ae.pt, or a directory holding it)"
+)
+_SAELENS_ARCH = {"relu": "standard", "topk": "topk"}
+_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+@dataclass(frozen=True, eq=False)
+class Decoder:
+    """An SAE's decoder rows [n_latents, d_model] (float32), where they came from, and the encoder
+    [d_model, n_latents] when the file has one (for encoder-side comparisons)."""
+
+    W_dec: np.ndarray
+    layout: str
+    path: Path
+    W_enc: np.ndarray | None = None
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_dec.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.W_dec.shape[1]
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def save_single(bank: SAEBank, path) -> Path:
+    """Write a bank of one into ``path/`` itself (weights first, cfg.json last, each atomically,
+    so a directory with cfg.json always has complete weights)."""
+    if bank.n_seeds != 1:
+        raise ValueError(f"save_single needs a bank of one seed, got {bank.n_seeds}; use save_sae for banks")
+    path, cfg = Path(path), bank.cfg
+    tensors = {name: getattr(bank, name).detach()[0].cpu().contiguous() for name in _PARAMS}
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    meta = {
+        "d_in": cfg.d_model,
+        "d_sae": cfg.n_latents,
+        "architecture": _SAELENS_ARCH[cfg.architecture],
+        "dtype": str(tensors["W_dec"].dtype).removeprefix("torch."),
+        "apply_b_dec_to_input": True,  # our encoder reads x - b_dec
+        "normalize_activations": "none",
+        **({"k": cfg.k} if cfg.k is not None else {}),
+        "paperlib": dataclasses.asdict(cfg),
+    }
+    with atomic_path(path / CFG) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def save_sae(bank: SAEBank, path) -> list[Path]:
+    """Write seed i of the bank to ``path/seed_{i}/`` (its config records seed = cfg.seed + i)."""
+    return [save_single(bank.seed(i), Path(path) / f"seed_{i}") for i in range(bank.n_seeds)]
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read JSON config ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: Path, names: tuple[str, ...], required: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` present in the file (only those are read); ``required`` must be there."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file is missing")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+            tensors = {n: fh.get_tensor(n) for n in names if n in keys}
+    except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({type(exc).__name__}: {exc})") from exc
+    missing = [n for n in required if n not in keys]
+    if missing:
+        raise ValueError(f"{path}: no tensor {', '.join(missing)} (found {', '.join(sorted(keys)) or 'none'})")
+    return tensors
+
+
+def _matrix(t: torch.Tensor, name: str, path: Path) -> np.ndarray:
+    if t.ndim != 2:
+        raise ValueError(f"{path}: {name} must be a 2-D matrix, got rank {t.ndim} with shape {tuple(t.shape)}")
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _decoder(W_dec: torch.Tensor, layout: str, path: Path, W_enc: np.ndarray | None = None) -> Decoder:
+    dec = _matrix(W_dec, "W_dec", path)
+    bad = ~np.isfinite(dec).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{path}: decoder has NaN/Inf in {int(bad.sum())} of {len(dec)} latents "
+            "(a diverged run?); retrain or drop those latents"
+        )
+    if W_enc is not None and W_enc.shape != dec.shape[::-1]:
+        W_enc = None  # an encoder of another shape (e.g. a transcoder's) is not this decoder's transpose
+    return Decoder(dec, layout, path, W_enc)
+
+
+def _read_saelens(weights: Path, cfg: dict, layout: str) -> Decoder:
+    t = _read_safetensors(weights, ("W_dec", "W_enc"), ("W_dec",))
+    W_enc = _matrix(t["W_enc"], "W_enc", weights) if "W_enc" in t else None
+    out = _decoder(t["W_dec"], layout, weights, W_enc)
+    expected = (cfg.get("d_sae"), cfg.get("d_in"))
+    if None not in expected and out.W_dec.shape != expected:
+        raise ValueError(
+            f"{weights}: W_dec has shape {out.W_dec.shape} but cfg.json says d_sae={expected[0]}, "
+            f"d_in={expected[1]} (expected [d_sae, d_in])"
+        )
+    return out
+
+
+def _read_sparsify(weights: Path) -> Decoder:
+    t = _read_safetensors(weights, ("W_dec", "encoder.weight"), ("W_dec",))
+    enc = _matrix(t["encoder.weight"], "encoder.weight", weights).T if "encoder.weight" in t else None
+    return _decoder(t["W_dec"], "sparsify", weights, enc)
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict:
+    """The module state dict of an ae.pt (also inside a training checkpoint's nested dict)."""
+    if isinstance(obj, dict):
+        for key in ("ae_state_dict", "state_dict", "ae"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        return obj
+    raise ValueError(f"{path}: expected a state dict (a mapping of tensor names), got {type(obj).__name__}")
+
+
+def _read_dictionary_learning(weights: Path) -> Decoder:
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file is missing")
+    try:
+        loaded = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle error, or objects weights_only refuses
+        raise ValueError(f"{weights}: corrupt or unreadable torch file ({type(exc).__name__}: {exc})") from exc
+    state = _unwrap_state_dict(loaded, weights)
+    trainer = {}
+    if (weights.parent / DL_CONFIG).is_file():
+        cfg = _read_json(weights.parent / DL_CONFIG)
+        trainer = cfg.get("trainer", cfg) if isinstance(cfg.get("trainer", cfg), dict) else {}
+    n, d = trainer.get("dict_size"), trainer.get("activation_dim")
+    if "W_dec" in state:  # JumpReluAutoEncoder, MatryoshkaBatchTopKSAE: nn.Parameter [n, d]
+        W_dec, name, rows_are_latents = state["W_dec"], "W_dec", True
+        enc = state.get("W_enc")
+        W_enc = _matrix(enc, "W_enc", weights) if isinstance(enc, torch.Tensor) else None
+    elif "decoder.weight" in state:  # AutoEncoder, Gated, TopK, BatchTopK: nn.Linear(n, d) -> [d, n]
+        W_dec, name, rows_are_latents = state["decoder.weight"], "decoder.weight", False
+        enc = state.get("encoder.weight")
+        W_enc = _matrix(enc, "encoder.weight", weights).T if isinstance(enc, torch.Tensor) else None
+    else:
+        keys = ", ".join(sorted(k for k in state if isinstance(k, str))[:12]) or "none"
+        raise ValueError(
+            f"{weights}: not a dictionary_learning SAE: neither 'decoder.weight' (nn.Linear decoder) nor "
+            f"'W_dec' in its state dict (found {keys})"
+        )
+    if not isinstance(W_dec, torch.Tensor):
+        raise ValueError(f"{weights}: {name} is a {type(W_dec).__name__}, not a tensor")
+    if W_dec.ndim != 2:
+        raise ValueError(f"{weights}: {name} must be a 2-D matrix, got rank {W_dec.ndim} with shape {tuple(W_dec.shape)}")
+    stored = tuple(W_dec.shape)
+    if not rows_are_latents:
+        W_dec = W_dec.T
+    # The class convention fixes the orientation; a config (or encoder) that says the opposite,
+    # with n != d, means a fork that stored the transpose: follow the sizes then.
+    if n is None and W_enc is not None:
+        d, n = W_enc.shape
+    if n is not None and d is not None and n != d:
+        if tuple(W_dec.shape) == (d, n):
+            W_dec = W_dec.T
+        elif tuple(W_dec.shape) != (n, d):
+            raise ValueError(
+                f"{weights}: {name} has shape {stored}, which fits neither dict_size={n} x "
+                f"activation_dim={d} nor its transpose"
+            )
+    return _decoder(W_dec.contiguous(), "dictionary_learning", weights, W_enc)
+
+
+def _hint_for_directory(path: Path) -> str:
+    """A pointer to the right argument when ``path`` holds SAEs one level down."""
+    children = sorted(p for p in path.iterdir() if p.is_dir() and _layout_files(p) is not None)
+    if not children:
+        return ""
+    names = ", ".join(p.name for p in children[:5]) + (", ..." if len(children) > 5 else "")
+    return f"; it holds {len(children)} SAE directories one level down ({names}): pass those instead"
+
+
+def _layout_files(path: Path) -> tuple[str, Path] | None:
+    """(kind, weights file) for a directory in a known layout, else None (no reads of weights)."""
+    if (path / CFG).is_file() and (path / WEIGHTS).is_file():
+        return "saelens", path / WEIGHTS
+    if (path / CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify", path / SPARSIFY_WEIGHTS
+    if (path / DL_WEIGHTS).is_file():
+        return "dictionary_learning", path / DL_WEIGHTS
+    return None
+
+
+def read_decoder(path) -> Decoder:
+    """The decoder of the SAE at ``path``, in any layout of the module docstring (auto-detected)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix in (".pt", ".pth"):
+            return _read_dictionary_learning(path)
+        if path.name in (CFG, DL_CONFIG):
+            return read_decoder(path.parent)
+        if path.suffix == ".safetensors" and (path.parent / CFG).is_file():
+            if path.name == SPARSIFY_WEIGHTS:
+                return _read_sparsify(path)
+            cfg = _read_json(path.parent / CFG)
+            return _read_saelens(path, cfg, "paperlib" if "paperlib" in cfg else "saelens")
+        why = "a .safetensors file without a sibling cfg.json" if path.suffix == ".safetensors" else "an unknown file type"
+        raise ValueError(f"{path}: unknown SAE layout ({why}); {_ACCEPTED}")
+    found = _layout_files(path)
+    if found is None:
+        if (path / CFG).is_file():
+            raise FileNotFoundError(
+                f"{path}: has cfg.json but no weights file: expected {WEIGHTS} (SAELens/paperlib) "
+                f"or {SPARSIFY_WEIGHTS} (sparsify)"
+            )
+        if (path / DL_CONFIG).is_file():
+            raise FileNotFoundError(f"{path}: has config.json but no {DL_WEIGHTS} (dictionary_learning weights)")
+        raise ValueError(f"{path}: unknown SAE layout{_hint_for_directory(path)}; {_ACCEPTED}")
+    kind, weights = found
+    if kind == "sparsify":
+        return _read_sparsify(weights)
+    if kind == "dictionary_learning":
+        return _read_dictionary_learning(weights)
+    cfg = _read_json(path / CFG)
+    return _read_saelens(weights, cfg, "paperlib" if "paperlib" in cfg else "saelens")
+
+
+def load_sae(path) -> SAEBank:
+    """Rebuild the exact bank of one saved by ``save_single`` / one seed of ``save_sae``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        path = path.parent
+    if not (path / CFG).is_file():
+        raise FileNotFoundError(f"{path}: no {CFG}; load_sae reads directories written by save_sae{_hint_for_directory(path)}")
+    meta = _read_json(path / CFG)
+    if not isinstance(meta.get("paperlib"), dict):
+        raise ValueError(
+            f"{path / CFG}: no 'paperlib' object, so this SAE was not saved by paperlib; "
+            "use read_decoder for other layouts"
+        )
+    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    try:
+        cfg = SAEConfig(**{k: v for k, v in meta["paperlib"].items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path / CFG}: invalid 'paperlib' config ({exc})") from exc
+    if cfg.n_seeds != 1:
+        raise ValueError(f"{path / CFG}: expected a single seed (n_seeds=1), got n_seeds={cfg.n_seeds}")
+    tensors = _read_safetensors(path / WEIGHTS, _PARAMS, _PARAMS)
+    bank = SAEBank(cfg).to(tensors["W_dec"].dtype)
+    with torch.no_grad():
+        for name in _PARAMS:
+            param = getattr(bank, name)
+            if tuple(tensors[name].shape) != tuple(param.shape[1:]):
+                raise ValueError(
+                    f"{path / WEIGHTS}: {name} has shape {tuple(tensors[name].shape)}, "
+                    f"expected {tuple(param.shape[1:])} from cfg.json"
+                )
+            param.copy_(tensors[name][None])
+    return bank

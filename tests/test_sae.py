@@ -1,0 +1,99 @@
+"""The SAE bank: shapes, seeds, TopK's exact k, closed-form gradients equal to autograd."""
+
+import pytest
+import torch
+
+from paperlib.sae import SAEBank, SAEConfig
+
+
+def make(architecture="topk", **overrides):
+    fields = dict(architecture=architecture, d_model=6, n_latents=12, k=3 if architecture == "topk" else None,
+                  l1_coeff=1e-2, n_seeds=4, seed=7)
+    fields.update(overrides)
+    return SAEBank(SAEConfig(**fields))
+
+
+def test_shapes():
+    bank = make()
+    x = torch.randn(10, 6)
+    recon, codes = bank(x)
+    assert recon.shape == (4, 10, 6) and codes.shape == (4, 10, 12)
+    assert bank.W_enc.shape == (4, 6, 12) and bank.W_dec.shape == (4, 12, 6)
+    assert bank.decoder_directions().shape == (4, 12, 6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9, 12])
+def test_topk_codes_have_exactly_k_active_latents(k):
+    bank = make(k=k)
+    with torch.no_grad():
+        bank.b_enc.fill_(10.0)  # every pre-activation positive: exactly k must survive
+    codes = bank.encode(torch.randn(50, 6))
+    assert ((codes > 0).sum(-1) == k).all()
+
+
+def test_topk_keeps_the_largest_pre_activations():
+    bank = make(k=2, n_seeds=1)
+    x = torch.randn(30, 6)
+    pre = torch.baddbmm(bank.b_enc[:, None], x - bank.b_dec[:, None], bank.W_enc).detach()
+    codes = bank.encode(x).detach()
+    top2 = pre.topk(2, dim=-1).values.clamp(min=0)
+    assert torch.allclose(codes.sort(-1, descending=True).values[..., :2], top2)
+
+
+def test_relu_codes_are_the_positive_pre_activations():
+    bank = make("relu")
+    x = torch.randn(20, 6)
+    pre = torch.baddbmm(bank.b_enc[:, None], x - bank.b_dec[:, None], bank.W_enc)
+    assert torch.equal(bank.encode(x), pre.relu())
+
+
+def test_seeds_differ_and_same_seed_gives_same_weights():
+    bank = make()
+    w = bank.W_dec.detach()
+    assert not torch.allclose(w[0], w[1])
+    again = make()
+    assert all(torch.equal(p, q) for p, q in zip(bank.parameters(), again.parameters()))
+    # Seed i of a bank is the SAE a bank of one starting at seed + i would build.
+    alone = make(n_seeds=1, seed=9)
+    assert torch.equal(bank.seed(2).W_dec, alone.W_dec)
+    assert torch.equal(bank.seed(2).W_enc, bank.W_enc[2:3])
+
+
+def test_tied_initialisation_with_requested_norm():
+    bank = make(init_scale=0.1)
+    assert torch.allclose(bank.W_dec.norm(dim=-1), torch.full((4, 12), 0.1))
+    assert torch.equal(bank.W_enc, bank.W_dec.transpose(1, 2))
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk"])
+def test_closed_form_gradients_equal_autograd(architecture):
+    torch.manual_seed(0)
+    bank = make(architecture, init_scale=0.5)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # non-trivial biases too
+    x = torch.randn(257, 6)
+    grads, parts = bank.loss_and_grads(x, n_rows=257, chunk_size=64)  # several uneven chunks
+    recon, codes = bank(x)
+    mse = (recon - x).square().mean(dim=(1, 2))
+    loss = mse + bank.cfg.l1_coeff * codes.abs().sum(-1).mean(-1)
+    loss.sum().backward()
+    for name, param in bank.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+    torch.testing.assert_close(parts["sq_err"] / (257 * 6), mse.detach())
+
+
+def test_bad_configurations_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown SAE architecture 'gated2'"):
+        SAEConfig("gated2", d_model=4, n_latents=8)
+    with pytest.raises(ValueError, match="needs 1 <= k <= n_latents=8, got k=9"):
+        SAEConfig("topk", d_model=4, n_latents=8, k=9)
+    with pytest.raises(ValueError, match="takes no k"):
+        SAEConfig("relu", d_model=4, n_latents=8, k=2)
+    with pytest.raises(ValueError, match="d_model must be a positive integer"):
+        SAEConfig("relu", d_model=0, n_latents=8)
+
+
+def test_wrong_input_width_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\[batch, d_model=6\], got \(5, 7\)"):
+        make().encode(torch.randn(5, 7))
