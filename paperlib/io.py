@@ -44,7 +44,9 @@ _ACCEPTED = (
     "or that .safetensors file), sparsify (a directory with cfg.json + sae.safetensors), "
     "dictionary_learning (ae.pt, or a directory holding it)"
 )
-_SAELENS_ARCH = {"relu": "standard", "topk": "topk"}
+# SAELens names where SAELens has the architecture; ours otherwise (read back by our own loader).
+_SAELENS_ARCH = {"relu": "standard", "relu_dnorm": "standard", "topk": "topk", "batchtopk": "batchtopk",
+                 "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "matryoshka_batchtopk"}
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -76,7 +78,8 @@ def save_single(bank: SAEBank, path) -> Path:
     if bank.n_seeds != 1:
         raise ValueError(f"save_single needs a bank of one seed, got {bank.n_seeds}; use save_sae for banks")
     path, cfg = Path(path), bank.cfg
-    tensors = {name: getattr(bank, name).detach()[0].cpu().contiguous() for name in _PARAMS}
+    # Every parameter and buffer (thresholds, gates, dead-latent counters), one seed's slice each.
+    tensors = {name: value.detach()[0].cpu().contiguous() for name, value in bank.state_dict().items()}
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
     meta = {
@@ -298,20 +301,22 @@ def load_sae(path) -> SAEBank:
         )
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     try:
-        cfg = SAEConfig(**{k: v for k, v in meta["paperlib"].items() if k in known})
+        cfg = SAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["paperlib"].items() if k in known})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path / CFG}: invalid 'paperlib' config ({exc})") from exc
     if cfg.n_seeds != 1:
         raise ValueError(f"{path / CFG}: expected a single seed (n_seeds=1), got n_seeds={cfg.n_seeds}")
-    tensors = _read_safetensors(path / WEIGHTS, _PARAMS, _PARAMS)
-    bank = SAEBank(cfg).to(tensors["W_dec"].dtype)
+    bank = SAEBank(cfg)
+    state = bank.state_dict()
+    tensors = _read_safetensors(path / WEIGHTS, tuple(state), _PARAMS)
+    bank = bank.to(tensors["W_dec"].dtype)
     with torch.no_grad():
-        for name in _PARAMS:
-            param = getattr(bank, name)
-            if tuple(tensors[name].shape) != tuple(param.shape[1:]):
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(state[name].shape[1:]):
                 raise ValueError(
-                    f"{path / WEIGHTS}: {name} has shape {tuple(tensors[name].shape)}, "
-                    f"expected {tuple(param.shape[1:])} from cfg.json"
+                    f"{path / WEIGHTS}: {name} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(state[name].shape[1:])} from cfg.json"
                 )
-            param.copy_(tensors[name][None])
+            state[name] = value[None]
+    bank.load_state_dict(state)
     return bank

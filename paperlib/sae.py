@@ -4,81 +4,32 @@ One ``SAEBank`` holds S independently initialised SAEs of one configuration as s
 (``W_enc`` [S, d, n], ``b_enc`` [S, n], ``W_dec`` [S, n, d], ``b_dec`` [S, d]; per seed the SAELens
 layout), so every batch is read once and each layer is a single batched matmul for all seeds.
 
-    pre = (x - b_dec) @ W_enc + b_enc          codes f = relu(pre) * active(pre)
-    x_hat = f @ W_dec + b_dec
-    loss = mean_{samples, dims} (x_hat - x)^2 + l1_coeff * mean_samples sum_latents f
+    pre = (x - b_dec) @ W_enc + b_enc          codes = architecture(pre)      (architectures.py)
+    x_hat = codes @ W_dec + b_dec
+    loss = reconstruction(x_hat, x) + the architecture's sparsity terms [+ AuxK]
 
-The loss (element-mean MSE plus per-sample L1 of the codes, no decoder normalisation) is the one
-of paper A's released organism code; an architecture only decides which latents are ``active``:
+``reconstruction="mean"`` averages the squared error over samples and dimensions (paper A's
+organism code); ``"sum"`` sums it over dimensions and averages over samples (SAELens,
+dictionary_learning). ``decoder="free"`` leaves decoder rows unconstrained (paper A's organism
+code, and the decoder-norm-weighted ReLU); ``"unit"`` keeps them at unit norm (the trainer
+projects the gradient and renormalises after each step). Defaults reproduce paper A's organism;
+the LLM notebooks set what the papers' LLM runs used.
 
-* ``relu``: every positive pre-activation (the "standard" ReLU/L1 SAE);
-* ``topk``: the k largest positive pre-activations of each sample (TopK SAE).
-
-Architectures whose codes are ``relu(pre) * mask`` with a piecewise-constant mask share one
-closed-form gradient (``loss_and_grads``), which is exact (it equals autograd's, tested) and about
-3x faster than autograd on CPU because it never materialises the backward graph. Architectures
-with learned thresholds or gates (JumpReLU, Gated, ...) plug into ``ARCHITECTURES`` with their own
-gradient; that is the seam the zoo extends.
+ReLU and TopK (without AuxK) also have exact closed-form gradients (``loss_and_grads``) that
+process a batch in cache-sized chunks and never build an autograd graph: ~3x faster than autograd
+on CPU, and equal to it (tested). Everything else trains through autograd on ``loss``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from paperlib.architectures import ARCHITECTURES, Architecture
 from paperlib.runtime import maybe_compile
-
-
-class Architecture:
-    """How pre-activations become codes: ``codes = relu(pre) * active(pre)``."""
-
-    name: ClassVar[str]
-    needs_k: ClassVar[bool] = False
-
-    @staticmethod
-    def active(pre: Tensor, k: int) -> Tensor:
-        raise NotImplementedError
-
-
-class ReLU(Architecture):
-    """Standard SAE: a latent fires whenever its pre-activation is positive."""
-
-    name = "relu"
-
-    @staticmethod
-    def active(pre: Tensor, k: int) -> Tensor:
-        return pre > 0
-
-
-class TopK(Architecture):
-    """TopK SAE: the k largest pre-activations of each sample fire if positive (exactly k when
-    at least k are positive)."""
-
-    name = "topk"
-    needs_k = True
-
-    @staticmethod
-    def active(pre: Tensor, k: int) -> Tensor:
-        if k <= _FEW:
-            # k passes of a max-reduction: fuses into one kernel under torch.compile, ~5x faster
-            # than topk on CPU for small k. A tie at the k-th value would let both tied latents
-            # fire (exact ties between distinct latents do not occur with continuous weights).
-            rest = pre
-            for _ in range(k - 1):
-                rest = torch.where(rest >= rest.amax(-1, keepdim=True), float("-inf"), rest)
-            return (pre >= rest.amax(-1, keepdim=True)) & (pre > 0)
-        top = pre.topk(k, dim=-1, sorted=False)
-        chosen = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top.indices, True)
-        return chosen & (pre > 0)
-
-
-_FEW = 8  # largest k for which TopK selects by repeated max instead of topk
-
-
-ARCHITECTURES: dict[str, type[Architecture]] = {cls.name: cls for cls in (ReLU, TopK)}
 
 
 @dataclass(frozen=True)
@@ -87,27 +38,38 @@ class SAEConfig:
 
     ``init_scale`` is the norm of each initial decoder row (the encoder starts as the decoder's
     transpose, both biases at zero): the authors' organism code uses 0.1 for ReLU and 1 for TopK.
+    Fields an architecture does not use must stay at their defaults.
     """
 
     architecture: str
     d_model: int
     n_latents: int
-    k: int | None = None
-    l1_coeff: float = 0.0
+    k: int | None = None  # topk, batchtopk, matryoshka: active latents per sample (on average)
+    l1_coeff: float = 0.0  # relu, relu_dnorm, gated; optional for the topk family
     n_seeds: int = 1
     seed: int = 0
     init_scale: float = 1.0
+    reconstruction: str = "mean"  # "mean" over samples and dims, or "sum" over dims, mean over samples
+    decoder: str = "free"  # "free" or "unit" (unit-norm rows)
+    l0_coeff: float = 0.0  # jumprelu
+    target_l0: float | None = None  # jumprelu: penalty (L0 / target_l0 - 1)^2 instead of L0
+    bandwidth: float = 1e-3  # jumprelu: straight-through kernel width
+    init_threshold: float = 1e-3  # jumprelu: initial threshold
+    aux_coeff: float = 0.0  # topk family: AuxK weight (1/32 in Gao et al.); 0 disables it
+    aux_k: int | None = None  # topk family: dead latents used by AuxK (default d_model // 2)
+    dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead
+    groups: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)  # matryoshka: group fractions before "rest"
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"unknown SAE architecture {self.architecture!r}; choose one of {sorted(ARCHITECTURES)}"
             )
-        for name in ("d_model", "n_latents", "n_seeds"):
+        for name in ("d_model", "n_latents", "n_seeds", "dead_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
-        arch = ARCHITECTURES[self.architecture]
+        arch = self.arch
         if arch.needs_k:
             if not isinstance(self.k, int) or not 1 <= self.k <= self.n_latents:
                 raise ValueError(
@@ -115,14 +77,31 @@ class SAEConfig:
                 )
         elif self.k is not None:
             raise ValueError(f"{self.architecture} SAE takes no k (got k={self.k}); leave k=None")
-        if not self.l1_coeff >= 0:
-            raise ValueError(f"SAEConfig.l1_coeff must be >= 0, got {self.l1_coeff!r}")
-        if not self.init_scale > 0:
-            raise ValueError(f"SAEConfig.init_scale must be > 0, got {self.init_scale!r}")
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"SAEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("init_scale", "bandwidth", "init_threshold"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SAEConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.reconstruction not in ("mean", "sum"):
+            raise ValueError(f"SAEConfig.reconstruction must be 'mean' or 'sum', got {self.reconstruction!r}")
+        if self.decoder not in ("free", "unit"):
+            raise ValueError(f"SAEConfig.decoder must be 'free' or 'unit', got {self.decoder!r}")
+        if self.aux_coeff and not arch.uses_aux_k:
+            raise ValueError(f"{self.architecture} SAE has no AuxK loss; leave aux_coeff=0")
+        if self.target_l0 is not None and not self.target_l0 > 0:
+            raise ValueError(f"SAEConfig.target_l0 must be > 0 or None, got {self.target_l0!r}")
+        if not self.groups or any(not 0 < g < 1 for g in self.groups) or sum(self.groups) >= 1:
+            raise ValueError(f"SAEConfig.groups must be fractions in (0, 1) summing below 1, got {self.groups!r}")
 
     @property
     def arch(self) -> type[Architecture]:
         return ARCHITECTURES[self.architecture]
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether ``SAEBank.loss_and_grads`` applies (exact, faster than autograd)."""
+        return self.arch.closed_form and not self.aux_coeff
 
 
 class SAEBank(nn.Module):
@@ -136,6 +115,12 @@ class SAEBank(nn.Module):
         self.W_enc = nn.Parameter(decoders.transpose(1, 2).clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_seeds, cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_seeds, cfg.d_model))
+        for name, value in cfg.arch.extra_parameters(self).items():
+            self.register_parameter(name, nn.Parameter(value))
+        # Tokens since each latent last fired (dead-latent tracking, AuxK) and BatchTopK's
+        # inference threshold (NaN until training sets it).
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.n_seeds, cfg.n_latents))
+        self.register_buffer("threshold", torch.full((cfg.n_seeds,), math.nan))
 
     @staticmethod
     def _initial_decoder(cfg: SAEConfig, seed: int) -> Tensor:
@@ -148,13 +133,11 @@ class SAEBank(nn.Module):
         return self.W_dec.shape[0]
 
     def seed(self, i: int) -> "SAEBank":
-        """Seed ``i`` of the bank as a bank of one (a copy)."""
+        """Seed ``i`` of the bank as a bank of one (a copy, buffers included)."""
         if not 0 <= i < self.n_seeds:
             raise IndexError(f"seed index {i} out of range for a bank of {self.n_seeds} seeds")
         single = SAEBank(replace(self.cfg, n_seeds=1, seed=self.cfg.seed + i))
-        with torch.no_grad():
-            for name, param in single.named_parameters():
-                param.copy_(getattr(self, name)[i : i + 1])
+        single.load_state_dict({name: value[i : i + 1] for name, value in self.state_dict().items()})
         return single.to(self.W_dec.device)
 
     def decoder_directions(self) -> Tensor:
@@ -167,63 +150,117 @@ class SAEBank(nn.Module):
                 f"SAE input must have shape [batch, d_model={self.cfg.d_model}], got {tuple(x.shape)}"
             )
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes [S, B, n] of a batch x [B, d] shared by all seeds."""
+    def pre_activations(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        pre = torch.baddbmm(self.b_enc[:, None], x - self.b_dec[:, None], self.W_enc)
-        return pre.relu() * self.cfg.arch.active(pre, self.cfg.k or 0)
+        return torch.baddbmm(self.b_enc[:, None], x - self.b_dec[:, None], self.W_enc)
+
+    def encode(self, x: Tensor, training: bool = False) -> Tensor:
+        """Codes [S, B, n] of a batch x [B, d] shared by all seeds (``training`` selects BatchTopK's
+        batch-level selection instead of its inference threshold)."""
+        return self.cfg.arch.encode(self, x, self.pre_activations(x), training)
 
     def decode(self, codes: Tensor) -> Tensor:
         return torch.baddbmm(self.b_dec[:, None], codes, self.W_dec)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(reconstructions [S, B, d], codes [S, B, n])."""
+        """(reconstructions [S, B, d], codes [S, B, n]) at inference."""
         codes = self.encode(x)
         return self.decode(codes), codes
 
-    @torch.no_grad()
-    def loss_and_grads(self, x: Tensor, n_rows: int, chunk_size: int = 4096) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Closed-form gradients of the loss over ``x`` (a batch of ``n_rows`` rows, processed in
-        chunks to stay in cache) for every seed, and the loss parts summed over the batch.
+    def reconstruction_loss(self, x: Tensor, recon: Tensor) -> Tensor:
+        """Per seed [S]: squared error averaged over samples (and over dims for ``"mean"``)."""
+        per_sample = (recon - x).square().sum(-1)
+        scale = x.shape[-1] if self.cfg.reconstruction == "mean" else 1
+        return per_sample.mean(-1) / scale
 
-        Returns ({parameter name: gradient}, {"sq_err", "l1", "l0"} each [S]).
+    def loss(self, x: Tensor, sparsity_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Training loss summed over seeds (differentiable), its parts per seed [S], and the codes.
+        ``sparsity_scale`` multiplies the sparsity terms (``l1``, ``l0``) during their warm-up."""
+        pre = self.pre_activations(x)
+        codes = self.cfg.arch.encode(self, x, pre, training=True)
+        recon = self.decode(codes)
+        parts = {"recon": self.reconstruction_loss(x, recon)}
+        for name, term in self.cfg.arch.penalties(self, x, pre, codes).items():
+            parts[name] = term * sparsity_scale if name in ("l1", "l0") else term
+        if self.cfg.aux_coeff:
+            parts["aux"] = self.cfg.aux_coeff * self._aux_k_loss(x, pre, recon)
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            self.cfg.arch.observe(self, codes.detach())
+        return sum(parts.values()).sum(), {k: v.detach() for k, v in parts.items()}, codes.detach()
+
+    def _aux_k_loss(self, x: Tensor, pre: Tensor, recon: Tensor) -> Tensor:
+        """AuxK: the most active dead latents reconstruct the detached residual, normalised by the
+        residual's variance; zero while no latent is dead."""
+        dead = self.tokens_since_fired >= self.cfg.dead_tokens
+        if not dead.any():
+            return torch.zeros(self.n_seeds, device=x.device)
+        k_aux = min(self.cfg.aux_k or self.cfg.d_model // 2, self.cfg.n_latents)
+        dead_pre = torch.where(dead[:, None], pre, float("-inf"))
+        top = dead_pre.topk(k_aux, dim=-1)
+        codes = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu().nan_to_num(neginf=0.0))
+        residual = (x - recon).detach()
+        err = (torch.bmm(codes, self.W_dec) - residual).square().sum((1, 2))
+        return err / (residual - residual.mean(1, keepdim=True)).square().sum((1, 2)).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def record_firing(self, fired: Tensor, n_tokens: int) -> None:
+        """Update dead-latent tracking with a [S, n] mask of latents that fired in ``n_tokens``."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+
+    @torch.no_grad()
+    def loss_and_grads(
+        self, x: Tensor, n_rows: int, chunk_size: int = 4096, l1_coeff: float | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Closed-form gradients (ReLU, TopK without AuxK) of the loss over ``x`` (a batch of
+        ``n_rows`` rows, processed in chunks to stay in cache) for every seed, and the loss parts
+        summed over the batch. ``l1_coeff`` overrides the configured one (sparsity warm-up).
+
+        Returns ({parameter name: gradient}, {"sq_err", "l1", "l0"} each [S], and "fired" [S, n]).
         """
+        if not self.cfg.closed_form:
+            raise ValueError(f"{self.cfg.architecture} (aux_coeff={self.cfg.aux_coeff}) has no closed-form gradient; use loss()")
         self._check_input(x)
         params = (self.W_dec, self.W_enc, self.b_enc, self.b_dec)
         grads = [torch.zeros_like(p) for p in params]
-        parts = torch.zeros(3, self.n_seeds, device=x.device)
+        sums = torch.zeros(3, self.n_seeds, device=x.device)
+        fired = torch.zeros(self.n_seeds, self.cfg.n_latents, dtype=torch.bool, device=x.device)
+        l1 = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+        dims = x.shape[1] if self.cfg.reconstruction == "mean" else 1
         for start in range(0, x.shape[0], chunk_size):
-            chunk = _masked_chunk_grads(
-                x[start : start + chunk_size], *params, self.cfg.arch, self.cfg.k or 0,
-                self.cfg.l1_coeff, float(n_rows),
+            *chunk, chunk_fired = _masked_chunk_grads(
+                x[start : start + chunk_size], *params, self.cfg.arch, self.cfg.k or 0, l1, float(n_rows), float(dims)
             )
-            for acc, part in zip(grads + [parts], chunk):
+            for acc, part in zip(grads + [sums], chunk):
                 acc += part
+            fired |= chunk_fired
         d_W_dec, d_W_enc, d_b_enc, d_b_dec = grads
         # The pre-encoder bias enters through x - b_dec: d/d b_dec gets -(sum dpre) W_enc^T.
         d_b_dec -= torch.bmm(d_b_enc[:, None], self.W_enc.transpose(1, 2))[:, 0]
         named = dict(zip(("W_dec", "W_enc", "b_enc", "b_dec"), grads))
-        return named, {"sq_err": parts[0], "l1": parts[1], "l0": parts[2]}
+        return named, {"sq_err": sums[0], "l1": sums[1], "l0": sums[2], "fired": fired}
 
 
 @maybe_compile
 def _masked_chunk_grads(
     x: Tensor, W_dec: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-    arch: type[Architecture], k: int, l1_coeff: float, n_rows: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One chunk's contribution to the gradients (b_dec only through the decoder) and loss sums."""
+    arch: type[Architecture], k: int, l1_coeff: float, n_rows: float, dims: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One chunk's contribution to the gradients (b_dec only through the decoder), the loss sums
+    and which latents fired."""
     centred = x - b_dec[:, None]
     pre = torch.baddbmm(b_enc[:, None], centred, W_enc)
-    mask = arch.active(pre, k).to(pre.dtype)
+    active = arch.mask(pre, k)
+    mask = active.to(pre.dtype)
     codes = pre.relu() * mask
     err = torch.baddbmm(b_dec[:, None], codes, W_dec) - x
-    g = err * (2.0 / (n_rows * x.shape[1]))
+    g = err * (2.0 / (n_rows * dims))
     d_codes = (torch.bmm(g, W_dec.transpose(1, 2)) + l1_coeff / n_rows) * mask
-    parts = torch.stack([err.square().sum((1, 2)), codes.sum((1, 2)), mask.sum((1, 2))])
+    sums = torch.stack([err.square().sum((1, 2)), codes.sum((1, 2)), mask.sum((1, 2))])
     return (
         torch.bmm(codes.transpose(1, 2), g),
         torch.bmm(centred.transpose(1, 2), d_codes),
         d_codes.sum(1),
         g.sum(1),
-        parts,
+        sums,
+        active.any(1),
     )

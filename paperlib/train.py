@@ -1,16 +1,32 @@
 """The training loop: every seed of a bank sees the same batches; Adam; metrics at a cadence.
 
-Full-batch training (paper A's organism: all N samples every step) and mini-batch training (a
-fresh random permutation of the rows each epoch, seeded) share one loop. At every ``log_every``
-steps (and at the first and last step) the bank is evaluated on the evaluation rows and each
-callback is called; their outputs become columns of the returned ``History``. A non-finite loss
-stops training with the step and configuration in the message.
+Full-batch training (paper A's organism: all N rows every step) and mini-batch training share one
+loop. Mini-batches follow a per-epoch permutation derived from ``(seed, epoch)`` alone, so a
+resumed run sees exactly the batches an uninterrupted one would. Each step:
+
+* learning rate: linear warm-up over ``warmup_steps``, constant, then linear decay to zero over
+  the last ``decay_fraction`` of the steps; sparsity coefficients warm up over
+  ``sparsity_warmup_steps``;
+* gradients in closed form for ReLU/TopK (``SAEBank.loss_and_grads``), else by autograd;
+* ``decoder="unit"``: the decoder gradient's component along each row is removed before the Adam
+  step and rows are renormalised after it;
+* dead-latent tracking (tokens since each latent fired), which AuxK uses.
+
+Before training, ``normalize=True`` scales the data to unit mean squared norm (factor measured on
+the first ``stats_rows`` rows) and ``b_dec_init`` sets the decoder bias to the data's mean or
+geometric median; after training the scale is folded back into the weights, so the bank works on
+raw activations. Every ``log_every`` steps (and at the first and last) the bank is evaluated and
+each callback called; at ``checkpoint_fractions`` of training the decoders are snapshotted
+(``History.checkpoints``) and, with ``checkpoint_dir``, the full state is written atomically so an
+interrupted run resumes from its last checkpoint. A non-finite loss stops training with the step
+and configuration in the message.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -18,16 +34,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from paperlib.atomic import atomic_path
 from paperlib.sae import SAEBank
 
 Callback = Callable[[SAEBank], "float | np.ndarray | Tensor"]
+
+# Paper A's checkpoints: log-spaced early in training, then every tenth.
+PAPER_CHECKPOINTS = (0.0, 0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316) + tuple(round(0.1 * i, 1) for i in range(2, 11))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """``batch_size=None`` trains full-batch. ``eval_rows`` caps the rows used for logged metrics
-    (``None``: all of them). ``chunk_size`` only bounds memory: results do not depend on it beyond
-    float rounding."""
+    (``None``: all). ``chunk_size`` only bounds memory: results do not depend on it beyond float
+    rounding."""
 
     steps: int
     lr: float = 1e-4
@@ -36,9 +56,17 @@ class TrainConfig:
     seed: int = 0
     eval_rows: int | None = None
     chunk_size: int = 4096
+    warmup_steps: int = 0
+    decay_fraction: float = 0.0
+    sparsity_warmup_steps: int = 0
+    normalize: bool = False
+    b_dec_init: str = "zeros"  # "zeros", "mean" or "median" (geometric median)
+    stats_rows: int = 100_000
+    checkpoint_fractions: tuple[float, ...] = ()
+    checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "chunk_size"):
+        for name in ("steps", "log_every", "chunk_size", "stats_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
@@ -46,15 +74,42 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
+        for name in ("warmup_steps", "sparsity_warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
+        if self.b_dec_init not in ("zeros", "mean", "median"):
+            raise ValueError(f"TrainConfig.b_dec_init must be 'zeros', 'mean' or 'median', got {self.b_dec_init!r}")
+        if any(not 0 <= f <= 1 for f in self.checkpoint_fractions):
+            raise ValueError(f"TrainConfig.checkpoint_fractions must lie in [0, 1], got {self.checkpoint_fractions!r}")
+        if self.checkpoint_dir is not None and not self.checkpoint_fractions:
+            raise ValueError("TrainConfig.checkpoint_dir needs checkpoint_fractions (e.g. PAPER_CHECKPOINTS)")
+
+    def checkpoint_steps(self) -> list[int]:
+        return sorted({round(f * self.steps) for f in self.checkpoint_fractions})
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the update that produces ``step`` (1-based)."""
+        warm = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+        decay_steps = self.decay_fraction * self.steps
+        decay = min(1.0, (self.steps - step + 1) / decay_steps) if decay_steps else 1.0
+        return self.lr * warm * decay
+
+    def sparsity_scale_at(self, step: int) -> float:
+        return min(1.0, step / self.sparsity_warmup_steps) if self.sparsity_warmup_steps else 1.0
 
 
 @dataclass
 class History:
-    """Logged metrics: ``step`` [T]; per-seed metrics [T, S]; callback outputs [T, ...]."""
+    """Logged metrics: ``step`` [T]; per-seed metrics [T, S]; callback outputs [T, ...]; decoder
+    snapshots {step: W_dec [S, n, d]} at the checkpoint steps; the data scale used in training."""
 
     columns: dict[str, np.ndarray]
+    checkpoints: dict[int, Tensor] = field(default_factory=dict)
+    scale: float = 1.0
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
@@ -65,11 +120,24 @@ class History:
 
 @torch.no_grad()
 def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.ndarray]:
-    """Per-seed loss parts on ``x``: mse (element mean), l1 and l0 (per-sample means), loss."""
-    _, parts = bank.loss_and_grads(x, n_rows=x.shape[0], chunk_size=chunk_size)
-    mse = parts["sq_err"] / (x.shape[0] * x.shape[1])
-    l1 = parts["l1"] / x.shape[0]
-    out = {"mse": mse, "l1": l1, "l0": parts["l0"] / x.shape[0], "loss": mse + bank.cfg.l1_coeff * l1}
+    """Per-seed metrics on ``x``: the training loss and its parts, and at inference mse (element
+    mean), fvu (fraction of variance unexplained), l1, l0 and the fraction of dead latents."""
+    sums: dict[str, Tensor] = {}
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = x[start : start + chunk_size]
+        total, parts, _ = bank.loss(chunk)
+        recon, codes = bank(chunk)
+        parts = {**{f"loss_{k}": v for k, v in parts.items()}, "sq_err": (recon - chunk).square().sum((1, 2)) / len(chunk),
+                 "l1": codes.sum((1, 2)) / len(chunk), "l0": (codes > 0).sum((1, 2)) / len(chunk)}
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0) + value * len(chunk)
+    n = x.shape[0]
+    out = {name: value / n for name, value in sums.items()}
+    variance = (x - x.mean(0)).square().sum() / n
+    out["mse"] = out["sq_err"] / x.shape[1]
+    out["fvu"] = out.pop("sq_err") / variance.clamp_min(1e-30)
+    out["loss"] = sum(v for k, v in out.items() if k.startswith("loss_"))
+    out["dead"] = (bank.tokens_since_fired >= bank.cfg.dead_tokens).float().mean(-1)
     return {name: value.cpu().numpy() for name, value in out.items()}
 
 
@@ -81,16 +149,47 @@ def _check_data(x: Tensor, bank: SAEBank) -> None:
         raise ValueError(f"training data has {bad} rows with NaN/Inf entries; clean or drop them first")
 
 
-def _batches(n_rows: int, cfg: TrainConfig):
-    """Row indices of each step's batch (None = all rows)."""
+def _batch_rows(step: int, n_rows: int, cfg: TrainConfig) -> Tensor | None:
+    """Rows of the batch of ``step`` (1-based); None = all rows. Stateless, hence resumable."""
     if cfg.batch_size is None or cfg.batch_size >= n_rows:
-        while True:
-            yield None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    while True:
-        order = torch.randperm(n_rows, generator=gen)
-        for start in range(0, n_rows - cfg.batch_size + 1, cfg.batch_size):
-            yield order[start : start + cfg.batch_size]
+        return None
+    per_epoch = n_rows // cfg.batch_size
+    epoch, position = divmod(step - 1, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+    return order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+
+
+def geometric_median(x: Tensor, iterations: int = 100, tol: float = 1e-7) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows."""
+    median = x.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (x - median).norm(dim=1).clamp_min(1e-12)
+        update = (weights[:, None] * x).sum(0) / weights.sum()
+        if (update - median).norm() <= tol * median.norm().clamp_min(1e-12):
+            return update
+        median = update
+    return median
+
+
+@torch.no_grad()
+def _prepare(bank: SAEBank, x: Tensor, cfg: TrainConfig) -> float:
+    """Data scale (1 unless ``normalize``), decoder bias initialisation, unit-norm decoder rows."""
+    sample = x[: cfg.stats_rows]
+    scale = float(1 / sample.square().sum(1).mean().sqrt().clamp_min(1e-12)) if cfg.normalize else 1.0
+    if cfg.b_dec_init != "zeros":
+        centre = sample.mean(0) if cfg.b_dec_init == "mean" else geometric_median(sample)
+        bank.b_dec.copy_((centre * scale).expand_as(bank.b_dec))
+    if bank.cfg.decoder == "unit":
+        bank.W_dec.div_(bank.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return scale
+
+
+@torch.no_grad()
+def fold_scale(bank: SAEBank, scale: float) -> None:
+    """Make a bank trained on ``scale · x`` act on raw ``x``: same codes, reconstructions / scale."""
+    bank.W_enc.mul_(scale)
+    bank.b_dec.div_(scale)
+    bank.W_dec.div_(scale)
 
 
 def train(
@@ -103,10 +202,19 @@ def train(
     """Train every seed of ``bank`` on rows of ``x`` with Adam; returns the logged ``History``."""
     _check_data(x, bank)
     x = x.to(bank.W_dec.device, torch.float32)
-    eval_x = x if cfg.eval_rows is None else x[: cfg.eval_rows]
     callbacks = dict(callbacks or {})
     optimizer = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     log: dict[str, list] = {"step": []}
+    snapshots: dict[int, Tensor] = {}
+    resume = _Resume(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    start = resume.load(bank, optimizer, log, snapshots) if resume else None
+    if start is None:
+        scale, start = _prepare(bank, x, cfg), 0
+    else:
+        start, scale = start
+    x = x * scale if scale != 1.0 else x
+    eval_x = x if cfg.eval_rows is None else x[: cfg.eval_rows]
+    checkpoints = set(cfg.checkpoint_steps())
 
     def record(step: int) -> None:
         log["step"].append(step)
@@ -117,20 +225,84 @@ def train(
         if not np.isfinite(metrics["loss"]).all():
             _stop_non_finite(step, bank, metrics["loss"])
 
-    batches = _batches(x.shape[0], cfg)
-    record(0)
-    for step in tqdm(range(1, cfg.steps + 1), disable=not progress, desc=bank.cfg.architecture, mininterval=2):
-        rows = next(batches)
+    def checkpoint(step: int) -> None:
+        snapshots[step] = (bank.W_dec.detach() / scale).cpu().clone()
+        if resume:
+            resume.save(step, scale, bank, optimizer, log, snapshots)
+
+    if start == 0:
+        record(0)
+        if 0 in checkpoints:
+            checkpoint(0)
+    for step in tqdm(range(start + 1, cfg.steps + 1), disable=not progress, desc=bank.cfg.architecture,
+                     mininterval=2, initial=start, total=cfg.steps):
+        rows = _batch_rows(step, x.shape[0], cfg)
         batch = x if rows is None else x[rows.to(x.device)]
-        grads, parts = bank.loss_and_grads(batch, n_rows=batch.shape[0], chunk_size=cfg.chunk_size)
-        if not torch.isfinite(parts["sq_err"]).all():
-            _stop_non_finite(step, bank, parts["sq_err"])
-        for name, param in bank.named_parameters():
-            param.grad = grads[name]
-        optimizer.step()
+        _step(bank, optimizer, batch, cfg, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record(step)
-    return History({name: np.stack(values) for name, values in log.items()})
+        if step in checkpoints:
+            checkpoint(step)
+    if scale != 1.0:
+        fold_scale(bank, scale)
+    return History({name: np.stack(values) for name, values in log.items()}, snapshots, scale)
+
+
+def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, step: int) -> None:
+    sparsity = cfg.sparsity_scale_at(step)
+    optimizer.zero_grad(set_to_none=True)
+    if bank.cfg.closed_form:
+        grads, parts = bank.loss_and_grads(batch, batch.shape[0], cfg.chunk_size, bank.cfg.l1_coeff * sparsity)
+        for name, param in bank.named_parameters():
+            param.grad = grads[name]
+        check, fired = parts["sq_err"], parts["fired"]
+    else:
+        total, parts, codes = bank.loss(batch, sparsity_scale=sparsity)
+        check, fired = sum(parts.values()), (codes > 0).any(1)
+        total.backward()
+    if not torch.isfinite(check).all():
+        _stop_non_finite(step, bank, check)
+    bank.record_firing(fired, batch.shape[0])
+    if bank.cfg.decoder == "unit":
+        with torch.no_grad():  # remove the gradient component that would change row norms
+            rows = bank.W_dec
+            bank.W_dec.grad -= (bank.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr_at(step)
+    optimizer.step()
+    if bank.cfg.decoder == "unit":
+        with torch.no_grad():
+            bank.W_dec.div_(bank.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+class _Resume:
+    """The full training state at the last checkpoint, in one file written atomically."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = Path(directory) / "train_state.pt"
+
+    def save(self, step, scale, bank, optimizer, log, snapshots) -> None:
+        state = {"step": step, "scale": scale, "bank": bank.state_dict(), "optimizer": optimizer.state_dict(),
+                 "log": log, "snapshots": snapshots, "config": repr(bank.cfg)}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, bank, optimizer, log, snapshots) -> tuple[int, float] | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"cannot resume from {self.path}: unreadable ({exc}); delete it to start over") from exc
+        if state["config"] != repr(bank.cfg):
+            raise ValueError(
+                f"{self.path} holds a run of {state['config']}, not {bank.cfg}; use another checkpoint_dir"
+            )
+        bank.load_state_dict(state["bank"])
+        optimizer.load_state_dict(state["optimizer"])
+        log.update(state["log"])
+        snapshots.update(state["snapshots"])
+        return state["step"], state["scale"]
 
 
 def _to_numpy(value) -> np.ndarray:

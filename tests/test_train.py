@@ -78,3 +78,90 @@ def test_bad_data_is_rejected_before_training():
         train(sae, torch.randn(100, 5), TrainConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="TrainConfig.steps"):
         TrainConfig(steps=0)
+
+
+def test_learning_rate_warms_up_and_decays_linearly():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, decay_fraction=0.2)
+    assert [cfg.lr_at(s) for s in (1, 5, 10, 50, 80)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert cfg.lr_at(81) == pytest.approx(1.0) and cfg.lr_at(90) == pytest.approx(0.55) and cfg.lr_at(100) == pytest.approx(0.05)
+    assert TrainConfig(steps=10, sparsity_warmup_steps=4).sparsity_scale_at(1) == 0.25
+
+
+def test_unit_decoder_rows_stay_unit_norm():
+    data = sample_uniform(ORGANISM)
+    sae = bank("relu", l1_coeff=0.1, decoder="unit", init_scale=0.3)
+    train(sae, data.x, TrainConfig(steps=20, lr=1e-2, batch_size=500, log_every=20), progress=False)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(3, 12))
+
+
+def test_normalisation_is_folded_back_into_the_weights():
+    data = sample_uniform(ORGANISM)
+    cfg = TrainConfig(steps=30, lr=1e-2, batch_size=500, log_every=30, normalize=True)
+    raw, scaled = bank(), bank()
+    history = train(raw, data.x * 50, cfg, progress=False)
+    # Training on already-normalised data gives the same SAE, before folding.
+    train(scaled, data.x * 50 * history.scale, TrainConfig(steps=30, lr=1e-2, batch_size=500, log_every=30), progress=False)
+    assert history.scale == pytest.approx(1 / (data.x * 50).square().sum(1).mean().sqrt().item(), rel=1e-5)
+    x = data.x[:100] * 50
+    codes_raw, codes_scaled = raw.encode(x), scaled.encode(x * history.scale)
+    torch.testing.assert_close(codes_raw, codes_scaled, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(raw(x)[0], scaled(x * history.scale)[0] / history.scale, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_bias_starts_at_the_geometric_median():
+    from paperlib.train import geometric_median
+
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [100.0, 100.0]])
+    median = geometric_median(points)
+
+    def distance_sum(m):
+        return (points - m).norm(dim=1).sum()
+
+    steps = [torch.tensor([dx, dy]) * 1e-2 for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
+    assert all(distance_sum(median) <= distance_sum(median + step) for step in steps)  # a minimum
+    assert (median - points.mean(0)).norm() > 10  # unlike the mean, robust to the outlier
+    data = sample_uniform(ORGANISM)
+    sae = bank()
+    train(sae, data.x, TrainConfig(steps=1, lr=1e-12, b_dec_init="median", log_every=1), progress=False)
+    torch.testing.assert_close(sae.b_dec[0], geometric_median(data.x), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_snapshot_decoders_at_log_spaced_fractions():
+    from paperlib.train import PAPER_CHECKPOINTS
+
+    data = sample_uniform(ORGANISM)
+    cfg = TrainConfig(steps=1000, lr=1e-3, batch_size=100, log_every=500, checkpoint_fractions=PAPER_CHECKPOINTS)
+    assert cfg.checkpoint_steps() == [0, 1, 3, 10, 32, 100, 200, 300, 316, 400, 500, 600, 700, 800, 900, 1000]
+    history = train(bank(), data.x, TrainConfig(steps=20, lr=1e-3, log_every=10, checkpoint_fractions=(0, 0.5, 1)), progress=False)
+    assert sorted(history.checkpoints) == [0, 10, 20] and history.checkpoints[10].shape == (3, 12, 8)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    data = sample_uniform(ORGANISM)
+    cfg = TrainConfig(steps=20, lr=1e-3, batch_size=300, log_every=5, normalize=True,
+                      checkpoint_fractions=(0.5, 1.0), checkpoint_dir=str(tmp_path / "run"))
+    reference = bank("topk", aux_coeff=1 / 32, dead_tokens=300)  # autograd path, Adam state, dead counters
+    train(reference, data.x, TrainConfig(**{**cfg.__dict__, "checkpoint_dir": str(tmp_path / "ref")}), progress=False)
+    calls = []
+
+    def interrupt(b):
+        calls.append(1)
+        if len(calls) == 4:  # the log at step 15, after the checkpoint at step 10
+            raise KeyboardInterrupt
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        train(bank("topk", aux_coeff=1 / 32, dead_tokens=300), data.x, cfg, callbacks={"c": interrupt}, progress=False)
+    resumed = bank("topk", aux_coeff=1 / 32, dead_tokens=300)
+    history = train(resumed, data.x, cfg, callbacks={"c": lambda b: 0.0}, progress=False)
+    assert history["step"].tolist() == [0, 5, 10, 15, 20]
+    for (name, p), q in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_resuming_someone_elses_run_is_refused(tmp_path):
+    data = sample_uniform(ORGANISM)
+    cfg = TrainConfig(steps=4, lr=1e-3, log_every=2, checkpoint_fractions=(1.0,), checkpoint_dir=str(tmp_path))
+    train(bank(), data.x, cfg, progress=False)
+    with pytest.raises(ValueError, match="holds a run of"):
+        train(bank(k=3), data.x, cfg, progress=False)
