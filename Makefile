@@ -55,7 +55,17 @@ test: $(ASSETS_STAMP)
 lab: $(ASSETS_STAMP)
 	$(PY) -m jupyter lab notebooks/
 
-bench: $(ASSETS_STAMP)
+PEERS := benchmarks/.venv-peers
+PEERS_STAMP := $(PEERS)/.stamp
+
+# The peer libraries live in their own environment so they can never leak into paperlib's.
+$(PEERS_STAMP): requirements/bench-peers.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/bench-peers.txt
+	touch $@
+
+# Measurements, not tests: results go to benchmarks/results/*.json (see benchmarks/README.md).
+bench: $(ASSETS_STAMP) $(PEERS_STAMP)
 	@set -e; for script in $(sort $(wildcard benchmarks/*.py)); do echo "== $$script"; $(PY) $$script; done
 
 # Rewrite the constraints file from the current environment (after changing pyproject.toml).

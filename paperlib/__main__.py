@@ -12,14 +12,10 @@ no traceback: they are the user's to fix, not bugs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
-import os
 import sys
-from itertools import combinations
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 
 class UsageError(Exception):
@@ -54,27 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _device_env(device: str | None) -> Iterator[None]:
-    """Make ``--device`` the device paperlib computes on for this command only."""
-    if device is None:
-        yield
-        return
-    old = os.environ.get("PAPERLIB_DEVICE")
-    os.environ["PAPERLIB_DEVICE"] = device
-    try:
-        from paperlib.runtime import device as current_device
+def _resolve_device(device: str | None) -> str:
+    """``--device``, else paperlib's default device (CUDA when present); only the matcher's
+    similarity scans run there, so the numbers do not depend on it."""
+    import torch
 
-        try:
-            current_device()
-        except ValueError as exc:
-            raise UsageError(f"--device {device}: {exc}".replace("PAPERLIB_DEVICE=", "device ")) from exc
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PAPERLIB_DEVICE", None)
-        else:
-            os.environ["PAPERLIB_DEVICE"] = old
+    from paperlib.runtime import device as default_device
+
+    if device is None:
+        return str(default_device())
+    try:
+        return str(torch.device(device))
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device} is not a torch device; use e.g. cpu or cuda") from exc
 
 
 def _read_runs(runs: Sequence[str]) -> list:
@@ -106,32 +94,29 @@ def _consistency(args: argparse.Namespace) -> int:
         )
     if args.chance_samples < 0:
         raise UsageError(f"--chance-samples must be >= 0, got {args.chance_samples}")
-    import numpy as np
-
-    from paperlib.consistency import chance_mcc, match
+    from paperlib.consistency import chance_mcc, pw_mcc
 
     decoders = _read_runs(args.runs)
-    signed = not args.abs
-    extra = {"device": args.device} if args.device and "device" in inspect.signature(match).parameters else {}
-    with _device_env(args.device):
-        pairs = [
-            (i, j, match(decoders[i].W_dec, decoders[j].W_dec, signed=signed, **extra).mcc)
-            for i, j in combinations(range(len(decoders)), 2)
-        ]
-        d_model = decoders[0].d_model
+    signed, device = not args.abs, _resolve_device(args.device)
+    try:
+        consistency = pw_mcc([d.W_dec for d in decoders], signed, device=device)
         chance = None
         if args.chance_samples > 0:
-            c = chance_mcc(decoders[0].n_latents, decoders[1].n_latents, d_model, args.chance_samples, signed=signed)
+            c = chance_mcc(decoders[0].n_latents, decoders[1].n_latents, decoders[0].d_model, args.chance_samples,
+                           signed=signed, device=device)
             chance = {"mean": c.mean, "std": c.std, "samples": c.n_samples}
-    values = np.array([p[2] for p in pairs])
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"cannot match runs {', '.join(map(repr, args.runs))}: {exc}") from exc
+    pairs, d_model = consistency.pairs, decoders[0].d_model
     result = {
         "runs": list(args.runs),
         "layouts": [d.layout for d in decoders],
         "n_latents": [d.n_latents for d in decoders],
         "d_model": d_model,
         "signed": signed,
-        "pw_mcc": float(values.mean()),
-        "pw_mcc_std": float(values.std()),
+        "pw_mcc": consistency.mean,
+        "pw_mcc_std": consistency.std,
+        "certified": all(m.certified for m in consistency.matches),
         "pairs": [{"a": args.runs[i], "b": args.runs[j], "mcc": float(v)} for i, j, v in pairs],
         "chance": chance,
     }

@@ -11,6 +11,10 @@ matching of size m = min(n_A, n_B), solved exactly as a linear assignment proble
   still takes part in the matching, so dead latents lower MCC rather than being silently dropped.
   To leave dead latents out instead, pass ``alive_a`` / ``alive_b`` masks (e.g. activation
   frequency > 0); m is then the smaller number of live latents.
+* Matchings are exact at every size: dense (scipy) for small dictionaries, and above that the
+  certified sparse solver of ``paperlib.matching`` (candidate graph + LP-dual optimality proof
+  over all n_A·n_B pairs, never a dense n×n matrix): 16k latents in seconds, 65k in under a
+  minute on 2 CPU cores. Every result carries ``certified``.
 * Baselines: ``chance_mcc`` (independent random Gaussian dictionaries of the same shapes, ≈0.46
   signed at d=16, n=32) and ``untrained_pw_mcc`` (freshly initialised SAEs of a configuration).
 * ``bootstrap_interval`` resamples latents; ``frequency_decomposition`` splits an MCC into
@@ -26,6 +30,8 @@ from itertools import combinations
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from paperlib.matching import match as sparse_match
 
 
 def as_dictionary(D, name: str = "dictionary") -> np.ndarray:
@@ -44,13 +50,20 @@ def as_dictionary(D, name: str = "dictionary") -> np.ndarray:
 
 @dataclass(frozen=True)
 class MatchResult:
-    """The optimal matching: ``rows[i]`` of A is paired with ``cols[i]`` of B at ``similarity[i]``."""
+    """The optimal matching: ``rows[i]`` of A is paired with ``cols[i]`` of B at ``similarity[i]``;
+    ``certified`` says its optimality was proven over all pairs (always, unless the sparse
+    solver hit its round limit, which it reports with a warning)."""
 
     mcc: float
     similarity: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
     signed: bool
+    certified: bool = True
+
+# Up to this many latents (either side) the dense float64 solver is used; above it the sparse
+# certified one. Dictionaries with zero-norm rows above it need ``alive`` masks.
+DENSE_LIMIT = 2048
 
 
 def _live(mask, n: int, name: str) -> np.ndarray:
@@ -64,8 +77,9 @@ def _live(mask, n: int, name: str) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
-def match(A, B, signed: bool = True, alive_a=None, alive_b=None) -> MatchResult:
-    """Exact maximum-similarity one-to-one matching of the (live) rows of A and B."""
+def match(A, B, signed: bool = True, alive_a=None, alive_b=None, device: str | None = None) -> MatchResult:
+    """Exact maximum-similarity one-to-one matching of the (live) rows of A and B. ``device``
+    runs the sparse solver's similarity scans (e.g. "cuda"); the result does not depend on it."""
     a, b = as_dictionary(A, "first dictionary"), as_dictionary(B, "second dictionary")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
@@ -73,12 +87,22 @@ def match(A, B, signed: bool = True, alive_a=None, alive_b=None) -> MatchResult:
             "compare SAEs trained on the same activations"
         )
     keep_a, keep_b = _live(alive_a, len(a), "alive_a"), _live(alive_b, len(b), "alive_b")
-    sim = a[keep_a] @ b[keep_b].T
-    if not signed:
-        sim = np.abs(sim)
-    rows, cols = linear_sum_assignment(sim, maximize=True)
-    similarity = sim[rows, cols]
-    return MatchResult(float(similarity.mean()), similarity, keep_a[rows], keep_b[cols], signed)
+    a, b = a[keep_a], b[keep_b]
+    if max(len(a), len(b)) > DENSE_LIMIT:
+        dead = [f"{n} zero-norm rows in the {side} dictionary" for n, side in
+                ((int((~a.any(1)).sum()), "first"), (int((~b.any(1)).sum()), "second")) if n]
+        if dead:
+            raise ValueError(f"{' and '.join(dead)}: above {DENSE_LIMIT} latents pass alive_a/alive_b "
+                             "(e.g. activation frequency > 0) to leave dead latents out")
+        result = sparse_match(a, b, signed=signed, device=device, dense_limit=DENSE_LIMIT)
+        rows, cols, similarity, certified = result.rows, result.cols, result.weights, result.certified
+    else:
+        sim = a @ b.T
+        if not signed:
+            sim = np.abs(sim)
+        rows, cols = linear_sum_assignment(sim, maximize=True)
+        similarity, certified = sim[rows, cols], True
+    return MatchResult(float(similarity.mean()), similarity, keep_a[rows], keep_b[cols], signed, certified)
 
 
 def mcc(A, B, signed: bool = True) -> float:
@@ -103,13 +127,13 @@ class PairwiseMCC:
     signed: bool
 
 
-def pw_mcc(dictionaries, signed: bool = True) -> PairwiseMCC:
+def pw_mcc(dictionaries, signed: bool = True, device: str | None = None) -> PairwiseMCC:
     """Pairwise MCC between independent runs (same data, architecture and width; other seeds)."""
     runs = _as_runs(dictionaries)
     if len(runs) < 2:
         raise ValueError(f"PW-MCC needs at least two runs, got {len(runs)}; train more seeds")
     index = list(combinations(range(len(runs)), 2))
-    matches = [match(runs[i], runs[j], signed) for i, j in index]
+    matches = [match(runs[i], runs[j], signed, device=device) for i, j in index]
     values = np.array([m.mcc for m in matches])
     pairs = [(i, j, m.mcc) for (i, j), m in zip(index, matches)]
     return PairwiseMCC(float(values.mean()), float(values.std()), pairs, matches, signed)
@@ -200,14 +224,17 @@ class Chance:
     signed: bool
 
 
-def chance_mcc(n_a: int, n_b: int, d: int, n_samples: int = 100, seed: int = 0, signed: bool = True) -> Chance:
+def chance_mcc(
+    n_a: int, n_b: int, d: int, n_samples: int = 100, seed: int = 0, signed: bool = True, device: str | None = None
+) -> Chance:
     """The MCC two unrelated dictionaries of shapes [n_a, d] and [n_b, d] reach by chance."""
     if min(n_a, n_b, d, n_samples) < 1:
         raise ValueError(f"chance_mcc needs positive sizes, got n_a={n_a}, n_b={n_b}, d={d}, n_samples={n_samples}")
     rng = np.random.default_rng(seed)
-    values = np.array(
-        [mcc(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed) for _ in range(n_samples)]
-    )
+    values = np.array([
+        match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device).mcc
+        for _ in range(n_samples)
+    ])
     return Chance(float(values.mean()), float(values.std()), n_samples, signed)
 
 

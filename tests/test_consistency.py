@@ -179,3 +179,27 @@ def test_untrained_saes_sit_at_the_chance_level():
     untrained = untrained_pw_mcc(cfg, n_seeds=6)
     chance = chance_mcc(32, 32, 16, n_samples=100)
     assert untrained.mean == pytest.approx(chance.mean, abs=3 * chance.std)
+
+
+def test_large_dictionaries_use_the_certified_sparse_solver_and_agree_with_dense():
+    from scipy.optimize import linear_sum_assignment
+
+    from paperlib.consistency import DENSE_LIMIT
+
+    rng = np.random.default_rng(10)
+    n = DENSE_LIMIT + 200
+    a = rng.standard_normal((n, 24))
+    b = a[rng.permutation(n)] + 0.3 * rng.standard_normal((n, 24))
+    result = match(a, b)
+    assert result.certified and len(result.rows) == n
+    ua, ub = as_dictionary(a), as_dictionary(b)
+    sim = ua @ ub.T
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    assert result.mcc == pytest.approx(sim[rows, cols].mean(), abs=1e-12)
+    dead = b.copy()
+    dead[5] = 0
+    with pytest.raises(ValueError, match="1 zero-norm rows in the second dictionary"):
+        match(a, dead)
+    alive = np.ones(n, bool)
+    alive[5] = False
+    assert match(a, dead, alive_b=alive).certified
