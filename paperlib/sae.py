@@ -17,7 +17,8 @@ the LLM notebooks set what the papers' LLM runs used.
 
 ReLU and TopK (without AuxK) also have exact closed-form gradients (``loss_and_grads``) that
 process a batch in cache-sized chunks and never build an autograd graph: ~3x faster than autograd
-on CPU, and equal to it (tested). Everything else trains through autograd on ``loss``.
+on CPU, and equal to it (tested); for TopK with k much smaller than n they touch only the k active
+latents of each sample (``sparse_topk.py``). Everything else trains through autograd on ``loss``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from paperlib.architectures import ARCHITECTURES, Architecture
 from paperlib.runtime import maybe_compile
+from paperlib.sparse_topk import sparse_pays_off, sparse_topk_loss_and_grads
 
 
 @dataclass(frozen=True)
@@ -209,23 +211,37 @@ class SAEBank(nn.Module):
 
     @torch.no_grad()
     def loss_and_grads(
-        self, x: Tensor, n_rows: int, chunk_size: int = 4096, l1_coeff: float | None = None
+        self, x: Tensor, n_rows: int, chunk_size: int = 4096, l1_coeff: float | None = None,
+        sparse: bool | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Closed-form gradients (ReLU, TopK without AuxK) of the loss over ``x`` (a batch of
         ``n_rows`` rows, processed in chunks to stay in cache) for every seed, and the loss parts
         summed over the batch. ``l1_coeff`` overrides the configured one (sparsity warm-up).
+        ``sparse`` forces TopK's sparse path on or off (default: on when k is small next to n).
 
         Returns ({parameter name: gradient}, {"sq_err", "l1", "l0"} each [S], and "fired" [S, n]).
         """
         if not self.cfg.closed_form:
             raise ValueError(f"{self.cfg.architecture} (aux_coeff={self.cfg.aux_coeff}) has no closed-form gradient; use loss()")
         self._check_input(x)
+        l1 = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+        dims = x.shape[1] if self.cfg.reconstruction == "mean" else 1
+        if sparse is None:
+            sparse = self.cfg.architecture == "topk" and sparse_pays_off(self.cfg.k, self.cfg.n_latents)
+        if sparse:
+            if self.cfg.architecture != "topk":
+                raise ValueError(f"the sparse path is for TopK SAEs, not {self.cfg.architecture}")
+            grads, sums, fired = sparse_topk_loss_and_grads(self, x, n_rows, l1, dims)
+        else:
+            grads, sums, fired = self._dense_grads(x, n_rows, chunk_size, l1, dims)
+        named = dict(zip(("W_dec", "W_enc", "b_enc", "b_dec"), grads))
+        return named, {"sq_err": sums[0], "l1": sums[1], "l0": sums[2], "fired": fired}
+
+    def _dense_grads(self, x: Tensor, n_rows: int, chunk_size: int, l1: float, dims: int):
         params = (self.W_dec, self.W_enc, self.b_enc, self.b_dec)
         grads = [torch.zeros_like(p) for p in params]
         sums = torch.zeros(3, self.n_seeds, device=x.device)
         fired = torch.zeros(self.n_seeds, self.cfg.n_latents, dtype=torch.bool, device=x.device)
-        l1 = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
-        dims = x.shape[1] if self.cfg.reconstruction == "mean" else 1
         for start in range(0, x.shape[0], chunk_size):
             *chunk, chunk_fired = _masked_chunk_grads(
                 x[start : start + chunk_size], *params, self.cfg.arch, self.cfg.k or 0, l1, float(n_rows), float(dims)
@@ -233,11 +249,9 @@ class SAEBank(nn.Module):
             for acc, part in zip(grads + [sums], chunk):
                 acc += part
             fired |= chunk_fired
-        d_W_dec, d_W_enc, d_b_enc, d_b_dec = grads
         # The pre-encoder bias enters through x - b_dec: d/d b_dec gets -(sum dpre) W_enc^T.
-        d_b_dec -= torch.bmm(d_b_enc[:, None], self.W_enc.transpose(1, 2))[:, 0]
-        named = dict(zip(("W_dec", "W_enc", "b_enc", "b_dec"), grads))
-        return named, {"sq_err": sums[0], "l1": sums[1], "l0": sums[2], "fired": fired}
+        grads[3] -= torch.bmm(grads[2][:, None], self.W_enc.transpose(1, 2))[:, 0]
+        return grads, sums, fired
 
 
 @maybe_compile

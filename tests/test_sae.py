@@ -97,3 +97,29 @@ def test_bad_configurations_are_clear_errors():
 def test_wrong_input_width_names_the_expected_shape():
     with pytest.raises(ValueError, match=r"\[batch, d_model=6\], got \(5, 7\)"):
         make().encode(torch.randn(5, 7))
+
+
+@pytest.mark.parametrize("k,reconstruction", [(3, "mean"), (12, "sum")])
+def test_sparse_topk_path_equals_the_dense_closed_form(k, reconstruction):
+    torch.manual_seed(1)
+    bank = make(k=k, n_latents=200, d_model=16, n_seeds=2, reconstruction=reconstruction, l1_coeff=1e-2)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(300, 16)
+    dense, dense_parts = bank.loss_and_grads(x, n_rows=300, sparse=False)
+    sparse, sparse_parts = bank.loss_and_grads(x, n_rows=300, sparse=True)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("sq_err", "l1", "l0"):
+        torch.testing.assert_close(sparse_parts[name], dense_parts[name], rtol=1e-5, atol=1e-5)
+    assert torch.equal(sparse_parts["fired"], dense_parts["fired"])
+
+
+def test_sparse_path_is_chosen_only_where_it_pays_off():
+    from paperlib.sparse_topk import sparse_pays_off
+
+    assert sparse_pays_off(32, 16384) and sparse_pays_off(32, 4096)
+    assert not sparse_pays_off(3, 32) and not sparse_pays_off(128, 1024)
+    with pytest.raises(ValueError, match="sparse path is for TopK"):
+        make("relu").loss_and_grads(torch.randn(4, 6), n_rows=4, sparse=True)
