@@ -40,7 +40,7 @@ class SAEConfig:
 
     ``init_scale`` is the norm of each initial decoder row (the encoder starts as the decoder's
     transpose, both biases at zero): the authors' organism code uses 0.1 for ReLU and 1 for TopK.
-    Fields an architecture does not use must stay at their defaults.
+    Fields an architecture does not use are ignored, except k and aux_coeff, which are refused.
     """
 
     architecture: str
