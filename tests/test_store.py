@@ -97,3 +97,14 @@ def test_bad_keys_and_namespaces():
         config_key("runs", {"w": torch.ones(1)})
     with pytest.raises(ValueError, match="plain name"):
         Store("/nonexistent").path("../escape", {})
+
+
+def test_a_new_field_at_its_default_keeps_existing_keys():
+    @dataclass(frozen=True)
+    class Cfg:  # the same configuration type, grown by one field with a default
+        width: int
+        lr: float
+        decoder: str = "free"
+
+    assert config_key("runs", Cfg(4, 0.1)) == config_key("runs", globals()["Cfg"](4, 0.1))
+    assert config_key("runs", Cfg(4, 0.1, decoder="unit")) != config_key("runs", globals()["Cfg"](4, 0.1))
