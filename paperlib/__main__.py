@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     cons.add_argument("runs", nargs="+", metavar="RUN", help="SAE runs to compare (at least two)")
     cons.add_argument("--abs", action="store_true", help="use |cos| (the paper's formula) instead of signed cosine")
     cons.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    cons.add_argument("--device", help="torch device for the matcher (default: PAPERLIB_DEVICE, else CUDA if present)")
+    cons.add_argument("--device", help="torch device for the matcher's similarity scans (default: cpu)")
     cons.add_argument(
         "--chance-samples", type=int, default=3, metavar="N",
         help="random dictionary pairs for the chance level (default 3; 0 skips it)",
@@ -51,14 +51,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(device: str | None) -> str:
-    """``--device``, else paperlib's default device (CUDA when present); only the matcher's
-    similarity scans run there, so the numbers do not depend on it."""
+    """``--device``, else the CPU: only the matcher's similarity scans run there, so the numbers do
+    not depend on it (the CUDA scan path has not been exercised on a GPU yet, hence opt-in)."""
     import torch
 
-    from paperlib.runtime import device as default_device
-
     if device is None:
-        return str(default_device())
+        return "cpu"
     try:
         return str(torch.device(device))
     except RuntimeError as exc:
