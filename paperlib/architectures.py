@@ -73,6 +73,8 @@ class Architecture:
     # Codes are relu(pre) * mask with a per-sample mask and the loss is reconstruction + l1 · Σf:
     # SAEBank.loss_and_grads computes exact gradients in closed form, chunk by chunk.
     closed_form: ClassVar[bool] = False
+    # Inference codes differ from training codes (so evaluation must encode twice).
+    inference_differs: ClassVar[bool] = False
 
     @staticmethod
     def extra_parameters(bank: "SAEBank") -> dict[str, Tensor]:
@@ -146,7 +148,7 @@ class BatchTopK(Architecture):
     trained SAE is a JumpReLU with one threshold and each sample's L0 varies around k."""
 
     name = "batchtopk"
-    needs_k = uses_aux_k = True
+    needs_k = uses_aux_k = inference_differs = True
     momentum = 0.99
 
     @staticmethod
