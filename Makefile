@@ -23,7 +23,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 LIBRARY := $(wildcard paperlib/*.py)
 
-.PHONY: setup assets figures test lab bench lock clean clean-cache
+.PHONY: setup assets figures test test-integration lab bench lock clean clean-cache
 
 setup: $(SETUP_STAMP)
 assets: $(ASSETS_STAMP)
@@ -51,6 +51,10 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE)/%.yaml $(LIBRARY
 
 test: $(ASSETS_STAMP)
 	$(PY) -m pytest
+
+# Slow tests against real servers on loopback (e.g. the OpenAI-compatible explainer endpoint).
+test-integration: $(ASSETS_STAMP)
+	$(PY) -m pytest -m integration tests
 
 lab: $(ASSETS_STAMP)
 	$(PY) -m jupyter lab notebooks/

@@ -1,0 +1,59 @@
+"""trained_bank: train once, reload the whole state from the store."""
+
+import numpy as np
+import pytest
+import torch
+
+from paperlib.runs import trained_bank
+from paperlib.sae import SAEConfig
+from paperlib.store import Store
+from paperlib.train import TrainConfig
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path)
+
+
+def data():
+    return torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_second_call_reloads_without_touching_the_data(store):
+    sae = SAEConfig("batchtopk", d_model=8, n_latents=16, k=2, n_seeds=2)
+    schedule = TrainConfig(steps=20, lr=1e-2, batch_size=64, log_every=10, checkpoint_fractions=(0.5, 1.0))
+    first = trained_bank(data, {"name": "gaussian"}, sae, schedule, store=store, progress=False)
+
+    def untouchable():
+        raise AssertionError("a cached run must not load its data")
+
+    again = trained_bank(untouchable, {"name": "gaussian"}, sae, schedule, store=store, progress=False)
+    assert again.key == first.key
+    for name, value in first.bank.state_dict().items():
+        assert torch.equal(value, again.bank.state_dict()[name]), name
+    assert torch.isfinite(again.bank.threshold).all(), "BatchTopK's inference threshold must survive the cache"
+    assert sorted(again.checkpoints) == [10, 20]
+    np.testing.assert_array_equal(first.history["step"], again.history["step"])
+    x = data()
+    torch.testing.assert_close(first.bank.encode(x), again.bank.encode(x))
+
+
+def test_a_different_data_key_trains_a_different_run(store):
+    sae = SAEConfig("topk", d_model=8, n_latents=16, k=2)
+    schedule = TrainConfig(steps=5, lr=1e-2, log_every=5)
+    a = trained_bank(data(), "a", sae, schedule, store=store, progress=False)
+    b = trained_bank(lambda: 2 * data(), "b", sae, schedule, store=store, progress=False)
+    assert a.key != b.key
+    assert not torch.equal(a.bank.W_dec, b.bank.W_dec)
+
+
+def test_firing_rates_count_the_rows_each_latent_fires_on():
+    from paperlib.runs import firing_rates
+    from paperlib.sae import SAEBank
+
+    bank = SAEBank(SAEConfig("topk", d_model=8, n_latents=16, k=3, n_seeds=2))
+    x = data()
+    rates = firing_rates(bank, x, chunk_size=100)
+    expected = (bank.encode(x) > 0).float().mean(1)
+    torch.testing.assert_close(rates, expected)
+    torch.testing.assert_close(rates.sum(1), torch.full((2,), 3.0))  # exactly k latents per row
