@@ -242,9 +242,13 @@ class SAEBank(nn.Module):
         grads = [torch.zeros_like(p) for p in params]
         sums = torch.zeros(3, self.n_seeds, device=x.device)
         fired = torch.zeros(self.n_seeds, self.cfg.n_latents, dtype=torch.bool, device=x.device)
+        # 0-d tensors, not floats: a compiled graph specialises on Python floats and would recompile
+        # for every new L1 coefficient (sparsity warm-up, L1 calibration) or batch size.
+        err_scale = torch.tensor(2.0 / (n_rows * dims), device=x.device)
+        l1_per_row = torch.tensor(l1 / n_rows, device=x.device)
         for start in range(0, x.shape[0], chunk_size):
             *chunk, chunk_fired = _masked_chunk_grads(
-                x[start : start + chunk_size], *params, self.cfg.arch, self.cfg.k or 0, l1, float(n_rows), float(dims)
+                x[start : start + chunk_size], *params, self.cfg.arch, self.cfg.k or 0, err_scale, l1_per_row
             )
             for acc, part in zip(grads + [sums], chunk):
                 acc += part
@@ -257,18 +261,19 @@ class SAEBank(nn.Module):
 @maybe_compile
 def _masked_chunk_grads(
     x: Tensor, W_dec: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-    arch: type[Architecture], k: int, l1_coeff: float, n_rows: float, dims: float,
+    arch: type[Architecture], k: int, err_scale: Tensor, l1_per_row: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One chunk's contribution to the gradients (b_dec only through the decoder), the loss sums
-    and which latents fired."""
+    and which latents fired. ``err_scale`` = 2 / (rows · dims averaged over), ``l1_per_row`` =
+    L1 coefficient / rows."""
     centred = x - b_dec[:, None]
     pre = torch.baddbmm(b_enc[:, None], centred, W_enc)
     active = arch.mask(pre, k)
     mask = active.to(pre.dtype)
     codes = pre.relu() * mask
     err = torch.baddbmm(b_dec[:, None], codes, W_dec) - x
-    g = err * (2.0 / (n_rows * dims))
-    d_codes = (torch.bmm(g, W_dec.transpose(1, 2)) + l1_coeff / n_rows) * mask
+    g = err * err_scale
+    d_codes = (torch.bmm(g, W_dec.transpose(1, 2)) + l1_per_row) * mask
     sums = torch.stack([err.square().sum((1, 2)), codes.sum((1, 2)), mask.sum((1, 2))])
     return (
         torch.bmm(codes.transpose(1, 2), g),
