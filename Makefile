@@ -54,6 +54,7 @@ test: $(ASSETS_STAMP)
 
 # Slow tests against real servers on loopback (e.g. the OpenAI-compatible explainer endpoint).
 test-integration: $(ASSETS_STAMP)
+	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[serving]'
 	$(PY) -m pytest -m integration tests
 
 lab: $(ASSETS_STAMP)

@@ -40,6 +40,16 @@ def compile_enabled() -> bool:
     return os.environ.get("PAPERLIB_COMPILE", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def _allow_many_shapes(limit: int = 64) -> None:
+    """One process may train many banks (a k-sweep, a width family), each its own static graph;
+    dynamo's default of 8 graphs per function would send the later ones to eager, 2x slower."""
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
+
+
 def maybe_compile(fn: F) -> F:
     """``torch.compile(fn)`` with a permanent eager fallback after the first compilation failure."""
     compiled = None
@@ -51,6 +61,7 @@ def maybe_compile(fn: F) -> F:
         if failed or not compile_enabled():
             return fn(*args, **kwargs)
         if compiled is None:
+            _allow_many_shapes()
             compiled = torch.compile(fn, dynamic=False)
         try:
             return compiled(*args, **kwargs)

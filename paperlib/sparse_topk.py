@@ -27,7 +27,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from paperlib.sae import SAEBank
 
-SPARSE_MIN_LATENTS = 1024  # below this the dense path is as fast (and compiles well)
+SPARSE_MIN_LATENTS = 512  # below this the dense path is as fast (and compiles well)
 SPARSE_MAX_DENSITY = 1 / 16  # k / n above this: the dense path wins
 
 
