@@ -49,6 +49,11 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE)/%.yaml $(LIBRARY
 	$(PY) -m papermill --cwd notebooks -f profiles/$(PROFILE)/$*.yaml -p profile $(PROFILE) $< $(@D)/.$*.partial.ipynb
 	mv $(@D)/.$*.partial.ipynb $@
 
+# The later LLM notebooks reuse notebook 06's activations and SAE runs from the cache: run 06 first
+# (under make -j they would otherwise extract and train the same things twice).
+AFTER_06 := $(filter-out $(foreach n,01 02 03 04 05 06,build/$(PROFILE)/$(n)_%),$(EXECUTED))
+$(AFTER_06): build/$(PROFILE)/06_llm_consistency.ipynb
+
 test: $(ASSETS_STAMP)
 	$(PY) -m pytest
 

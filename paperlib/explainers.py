@@ -40,7 +40,7 @@ from paperlib.chat import ChatBackend, ChatEndpoint, EndpointConfig, EndpointErr
 from paperlib.contexts import LatentExamples
 from paperlib.store import Store
 
-PROMPT_VERSION = "explain-v1"
+PROMPT_VERSION = "explain-v2"  # v2: echoes after "Marked tokens:" are dropped
 INSTRUCTION = "In a few words, what do the marked tokens have in common? Answer with one short phrase."
 
 
@@ -136,8 +136,8 @@ def clean_explanation(reply: str, max_chars: int = 200) -> str:
     line = next((ln.strip() for ln in reply.splitlines() if ln.strip()), "")
     line = re.sub(r"^(?:[-*•]|\d+[.)])\s+", "", line)
     line = line.replace("**", "").strip().strip("\"'`“”").strip()
-    echo = line.lower().rstrip("?.:, ")
-    if len(echo) >= 8 and INSTRUCTION.lower().startswith(echo):
+    echo = re.sub(r"^marked tokens:\s*", "", line.lower()).rstrip("?.:, ")
+    if (len(echo) >= 8 and INSTRUCTION.lower().startswith(echo)) or INSTRUCTION.lower()[:25] in line.lower():
         return ""
     if len(line) > max_chars:
         line = line[:max_chars].rsplit(" ", 1)[0] + "…"

@@ -155,6 +155,7 @@ def test_top_tokens_explainer_and_prompt():
     ('**"City names"**', "City names"), ("1. Verbs in the past tense", "Verbs in the past tense"),
     ("\n\n", ""), ("word " * 100, ("word " * 40).strip() + "…"), ("In a few words", ""),
     ("in a few words, what do the marked tokens have in common?", ""), ("Words", "Words"),
+    ("Marked tokens: In a few words, what do the marked tokens have in common?", ""),
 ])
 def test_clean_explanation(reply, expected):
     assert clean_explanation(reply) == expected
