@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from paperlib.runtime import device as default_device
-from paperlib.store import Store
+from paperlib.store import Store, file_sha256
 
 PACKAGED = "smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,13 +137,6 @@ def _pretrained(loader, name: str, store: Store | None, **kwargs):
             raise ValueError(f"cannot load {loader.__name__} for model {name!r} from {where}: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _packaged_dir(store: Store) -> Path:
     """The dequantised packaged model as a Hugging Face directory, converting the GGUF on first use."""
@@ -160,7 +153,7 @@ def _packaged_dir(store: Store) -> Path:
     if marker.exists():
         try:
             expected = json.loads(marker.read_text())["model.safetensors"]
-            if _sha256(target / "model.safetensors") == expected:
+            if file_sha256(target / "model.safetensors") == expected:
                 _CONVERTED[str(store.root)] = target
                 return target
             problem = "model.safetensors does not match its hash"
@@ -202,7 +195,7 @@ def _convert(gguf: Path, out: Path) -> None:
     ours, theirs = model.state_dict(), reloaded.state_dict()
     if set(ours) != set(theirs) or not all(torch.equal(ours[k], theirs[k]) for k in ours):
         raise RuntimeError("the converted SmolLM2 weights differ from the GGUF's; please report this")
-    (out / _MARKER).write_text(json.dumps({"model.safetensors": _sha256(out / "model.safetensors"),
+    (out / _MARKER).write_text(json.dumps({"model.safetensors": file_sha256(out / "model.safetensors"),
                                            "source": str(gguf), "note": "dequantised Q4_1 GGUF, float32"}))
 
 

@@ -69,7 +69,8 @@ def config_key(namespace: str, config: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (never the whole file in memory)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -121,7 +122,7 @@ class Store:
             file = path / name
             if not file.exists():
                 return f"{name} is missing"
-            if _sha256(file) != expected:
+            if file_sha256(file) != expected:
                 return f"{name} does not match its hash"
         if set(manifest.get("files", {})) != {_TENSORS, _META}:
             return "manifest lists the wrong files"
@@ -137,7 +138,7 @@ class Store:
         try:
             save_file(tensors, tmp / _TENSORS)
             (tmp / _META).write_text(json.dumps({"config": jsonable(config), "meta": meta}, indent=1, sort_keys=True))
-            files = {name: _sha256(tmp / name) for name in (_TENSORS, _META)}
+            files = {name: file_sha256(tmp / name) for name in (_TENSORS, _META)}
             (tmp / _MANIFEST).write_text(json.dumps({"files": files, "version": CACHE_VERSION}, indent=1))
             if path.exists():
                 shutil.rmtree(path)
