@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from paperlib.explain import (PAPER_A_EDGES, EmbeddingSimilarity, Example, ExplainPrompt, LatentExamples, LocalChat,
+from paperlib.explain import (PAPER_A_EDGES, PROMPT_VERSION, EmbeddingSimilarity, Example, ExplainPrompt, LatentExamples, LocalChat,
                               LocalExplainer, TokenContexts, TopContexts, TopTokensExplainer, bin_scores,
                               clean_explanation, explain_latents, explanation_cache, parse_score, random_pairs,
                               spearman, top_contexts)
@@ -167,7 +167,7 @@ def test_explain_latents_caches_per_latent_and_recomputes_changed_contexts(tmp_p
     assert explain_latents(explainer, examples, "run-1", store, batch_size=2) == ["tokens: 'a'", "tokens: 'b'", "tokens: 'c'"]
     cache = explanation_cache(explainer, "run-1", store)
     lines = cache.path.read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["prompt_version"] == "explain-v1"
+    assert len(lines) == 3 and json.loads(lines[0])["prompt_version"] == PROMPT_VERSION
     # a record is used as stored (the cache is read), and only changed contexts are explained again
     cache.path.write_text(cache.path.read_text().replace("tokens: 'a'", "from the cache"))
     examples[1] = latent(1, ["b2"])
