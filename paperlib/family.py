@@ -8,10 +8,13 @@ by the runs' store keys, so a re-run only replots.
 
 Our rules where the papers are silent (``FamilyConfig``):
 
-* every width follows notebook 06's zoo rule (``zoo_config``: k = target L0 for the TopK family,
-  the ReLU family's L1 coefficient scaled to the target) with one target L0 for the whole family,
-  as paper B used one L1 coefficient for all its widths; AuxK (``aux_coeff``) for the TopK family
-  as in 06;
+* every width follows notebook 06's zoo rule (``paperlib.zoo_runs``: k = target L0 for the TopK
+  family; the ReLU family's L1 calibrated on pilot runs until L0 ≈ the target) with one target L0
+  for the whole family. Paper B used one L1 coefficient for all its widths, whose L0 then grows with
+  width; with ``calibrate_l1=False`` we do the same (the rule's coefficient at every width), but on
+  our short schedule the uncalibrated wide ReLU SAEs stay close to their random initialisation
+  (L0 ≈ 7x the target at 2304 latents, decoder rows at cosine 0.88 to their start: measured), which
+  no stitching or meta-SAE result should rest on. AuxK (``aux_coeff``) for the TopK family as in 06;
 * **distinct seeds per width.** ``SAEBank`` draws its initial decoder as ``randn(n, d)`` from the
   seed, so two widths with the same seed start with identical first rows: the smaller SAE's whole
   initial dictionary is a prefix of the larger one's. That would inflate the max cosine between
@@ -27,7 +30,7 @@ Our rules where the papers are silent (``FamilyConfig``):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,13 +39,14 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from paperlib.contexts import TopContexts, top_contexts
-from paperlib.runs import TrainedRun, activation_run, held_out_split
+from paperlib.runs import TrainedRun, held_out_split
 from paperlib.sae import SAEConfig
 from paperlib.stitch_path import StitchPath, interpolation_path
 from paperlib.stitching import Insertion, Move, SAEView, StitchConfig, insertion_effects
 from paperlib.store import Store
 from paperlib.train import PAPER_CHECKPOINTS, TrainConfig
-from paperlib.zoo_presets import K_FAMILY, ZOO, zoo_config
+from paperlib.zoo_presets import ZOO, L1Calibration
+from paperlib.zoo_runs import rule_config, zoo_run
 
 _KINDS = ("swap", "insert", "remove", "bias")
 
@@ -69,6 +73,7 @@ class FamilyConfig:
     bridge_width: int | None = None
     bridge_seeds: int = 3
     aux_coeff: float = 1 / 32  # TopK family only (06's AuxK weight); ignored for the others
+    calibrate_l1: bool = True  # ReLU family only: L1 calibrated to L0 ≈ sparsity per width (module docstring)
 
     def __post_init__(self) -> None:
         if self.architecture not in ZOO:
@@ -97,10 +102,9 @@ class FamilyConfig:
         return self.seed if width == self.bridge_width else self.seed + 100 * (self.widths.index(width) + 1)
 
     def sae_config(self, width: int, d_model: int) -> SAEConfig:
-        """06's ``sae_config`` at this width (data_scale 1: training normalises the activations)."""
-        cfg = zoo_config(self.architecture, d_model=d_model, n_latents=width, sparsity=self.sparsity, data_scale=1.0,
-                         n_seeds=self.n_seeds(width), seed=self.member_seed(width))
-        return replace(cfg, aux_coeff=self.aux_coeff) if self.architecture in K_FAMILY else cfg
+        """06's rule at this width before any L1 calibration (its initial weights are the run's)."""
+        return rule_config(self.architecture, d_model, width, self.sparsity, self.n_seeds(width),
+                           self.member_seed(width), self.aux_coeff)
 
     def schedule_for(self, width: int, schedule: TrainConfig) -> TrainConfig:
         """``schedule``, without decoder snapshots unless ``width`` is a multi-seed bank."""
@@ -114,12 +118,14 @@ class FamilyConfig:
 
 @dataclass
 class Family:
-    """Trained banks per width (``runs``), the config, and ``window``: the training tokens of the last
-    epoch (or of the whole run, if shorter), over which a latent must fire to count as alive."""
+    """Trained banks per width (``runs``), the config, ``window``: the training tokens of the last
+    epoch (or of the whole run, if shorter), over which a latent must fire to count as alive, and the
+    L1 calibration of each width (ReLU family; empty otherwise)."""
 
     config: FamilyConfig
     runs: dict[int, TrainedRun]
     window: int
+    calibrations: dict[int, L1Calibration] = field(default_factory=dict)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -154,10 +160,12 @@ def train_family(acts, config: FamilyConfig, schedule: TrainConfig, eval_rows: i
     """Every width of ``config`` trained on the training rows of ``acts`` (an ``Activations``, or any
     object with ``config``, ``d_model``, ``len`` and ``fp32(rows)``), through the store."""
     train_rows, _ = held_out_split(len(acts), eval_rows)
-    runs = {w: activation_run(acts, config.sae_config(w, acts.d_model), config.schedule_for(w, schedule), eval_rows,
-                              store, device=device, progress=progress) for w in config.widths}
+    trained = {w: zoo_run(acts, config.architecture, w, config.sparsity, config.schedule_for(w, schedule), eval_rows,
+                          store, n_seeds=config.n_seeds(w), seed=config.member_seed(w), aux_coeff=config.aux_coeff,
+                          calibrate=config.calibrate_l1, device=device, progress=progress) for w in config.widths}
     window = min(train_rows.stop, schedule.steps * min(schedule.batch_size or train_rows.stop, train_rows.stop))
-    return Family(config, runs, window)
+    return Family(config, {w: t.run for w, t in trained.items()}, window,
+                  {w: t.calibration for w, t in trained.items() if t.calibration is not None})
 
 
 @dataclass(frozen=True)
