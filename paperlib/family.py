@@ -11,10 +11,11 @@ Our rules where the papers are silent (``FamilyConfig``):
 * every width follows notebook 06's zoo rule (``paperlib.zoo_runs``: k = target L0 for the TopK
   family; the ReLU family's L1 calibrated on pilot runs until L0 ≈ the target) with one target L0
   for the whole family. Paper B used one L1 coefficient for all its widths, whose L0 then grows with
-  width; with ``calibrate_l1=False`` we do the same (the rule's coefficient at every width), but on
-  our short schedule the uncalibrated wide ReLU SAEs stay close to their random initialisation
-  (L0 ≈ 7x the target at 2304 latents, decoder rows at cosine 0.88 to their start: measured), which
-  no stitching or meta-SAE result should rest on. AuxK (``aux_coeff``) for the TopK family as in 06;
+  width; ``calibrate_l1=False`` does the same (the rule's coefficient at every width: L0 ≈ 7x the
+  target at 2304 latents, measured). Matching L0 keeps the widths comparable; it does not make the
+  wide ReLU SAEs trained — on the default schedule their decoder rows stay near their random start
+  either way (cosine 0.88 uncalibrated, 0.95 calibrated at 2304: notebook 08). AuxK (``aux_coeff``)
+  for the TopK family as in 06;
 * **distinct seeds per width.** ``SAEBank`` draws its initial decoder as ``randn(n, d)`` from the
   seed, so two widths with the same seed start with identical first rows: the smaller SAE's whole
   initial dictionary is a prefix of the larger one's. That would inflate the max cosine between
