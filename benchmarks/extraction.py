@@ -36,11 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _write(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from paperlib.atomic import write_text  # imported here: peer interpreters run this file without paperlib
+
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _machine() -> dict:

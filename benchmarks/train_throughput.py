@@ -441,17 +441,9 @@ def _auto_steps(d: int, n: int) -> int:
 
 
 def _write(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from paperlib.atomic import write_text  # imported here: peer interpreters run this file without paperlib
+
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _measurement(library: str, version: str | None, d: int, n: int, seeds: int, steps: int, roofline: float,
