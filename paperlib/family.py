@@ -22,7 +22,7 @@ Our rules where the papers are silent (``FamilyConfig``):
   family members (and call latents "reconstruction" because they started equal), so width i trains
   from seed ``seed + 100·(i + 1)``, except ``bridge_width``, which trains ``bridge_seeds`` seeds
   from ``seed`` (seeds 42, 43, 44 = notebook 06's run);
-* the training schedule is one ``TrainConfig`` for all widths (``llm_schedule`` = 06's); the
+* the training schedule is one ``TrainConfig`` for all widths (``zoo_runs.llm_schedule``, 06's); the
   log-spaced decoder snapshots are kept only for the multi-seed bridge bank (06's PW-MCC over
   training uses them, and they must be in the key for a cache hit); single-seed members drop them
   (16 snapshots of a 4608-latent decoder would be 170 MB of cache no figure reads).
@@ -45,21 +45,11 @@ from paperlib.sae import SAEConfig
 from paperlib.stitch_path import StitchPath, interpolation_path
 from paperlib.stitching import Insertion, Move, SAEView, StitchConfig, insertion_effects
 from paperlib.store import Store
-from paperlib.train import PAPER_CHECKPOINTS, TrainConfig
+from paperlib.train import TrainConfig
 from paperlib.zoo_presets import ZOO, L1Calibration
 from paperlib.zoo_runs import rule_config, zoo_run
 
 _KINDS = ("swap", "insert", "remove", "bias")
-
-
-def llm_schedule(steps: int, lr: float, batch_size: int, seed: int, eval_rows: int, warmup_steps: int,
-                 decay_fraction: float = 0.2) -> TrainConfig:
-    """Notebook 06's training schedule for SAEs on LLM activations (paper A's: warm-up, constant,
-    linear decay over the last ``decay_fraction``; unit mean squared norm; b_dec at the geometric
-    median; decoder snapshots at paper A's checkpoints). Same arguments, same cache key as 06."""
-    return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, log_every=max(1, steps // 10), seed=seed,
-                       eval_rows=min(4096, eval_rows), warmup_steps=warmup_steps, decay_fraction=decay_fraction,
-                       normalize=True, b_dec_init="median", checkpoint_fractions=PAPER_CHECKPOINTS)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import _sparse_lap as _lap
+from .runtime import cpu_has_native_bf16
 
 __all__ = ["Matching", "match"]
 
@@ -99,14 +100,7 @@ def _unit(x, side: str) -> np.ndarray:
 
 def _scan_dtype(dev: torch.device) -> torch.dtype:
     """bfloat16 where the CPU has native bf16 dot products (fp32 accumulation), else fp32."""
-    if dev.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return torch.float32
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read(200000)
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
 def _dense(a: np.ndarray, b: np.ndarray, signed: bool, t0: float) -> Matching:

@@ -50,7 +50,8 @@ def sparse_topk_loss_and_grads(
         W_dec, W_enc = bank.W_dec[s], bank.W_enc[s]
         d_W_dec, d_W_enc_t = grads[0][s], torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype)
         centred = x - bank.b_dec[s]
-        top = torch.addmm(bank.b_enc[s], centred, W_enc).topk(k, dim=-1, sorted=False)
+        pre = torch.addmm(bank.b_enc[s], centred, W_enc).float()  # fp32 even when autocast made the GEMM bf16
+        top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0
         err = F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + bank.b_dec[s] - x

@@ -10,7 +10,10 @@ resumed run sees exactly the batches an uninterrupted one would. Each step:
 * gradients in closed form for ReLU/TopK (``SAEBank.loss_and_grads``), else by autograd;
 * ``decoder="unit"``: the decoder gradient's component along each row is removed before the Adam
   step and rows are renormalised after it;
-* dead-latent tracking (tokens since each latent fired), which AuxK uses.
+* dead-latent tracking (tokens since each latent fired), which AuxK uses;
+* ``precision``: ``"bf16"`` autocasts the step's matmuls to bfloat16 (fp32 weights, Adam state and
+  losses; see ``paperlib.runtime``), ``"auto"`` (default) does so on CUDA only. Evaluation and
+  logged metrics are always fp32.
 
 Before training, ``normalize=True`` scales the data to unit mean squared norm (factor measured on
 the first ``stats_rows`` rows) and ``b_dec_init`` sets the decoder bias to the data's mean or
@@ -25,6 +28,7 @@ and configuration in the message.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -35,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from paperlib.atomic import atomic_path
+from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_precision
 from paperlib.sae import SAEBank
 
 Callback = Callable[[SAEBank], "float | np.ndarray | Tensor"]
@@ -64,6 +69,7 @@ class TrainConfig:
     stats_rows: int = 100_000
     checkpoint_fractions: tuple[float, ...] = ()
     checkpoint_dir: str | None = None
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16": the step's matmuls
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "chunk_size", "stats_rows"):
@@ -85,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.b_dec_init must be 'zeros', 'mean' or 'median', got {self.b_dec_init!r}")
         if any(not 0 <= f <= 1 for f in self.checkpoint_fractions):
             raise ValueError(f"TrainConfig.checkpoint_fractions must lie in [0, 1], got {self.checkpoint_fractions!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.checkpoint_dir is not None and not self.checkpoint_fractions:
             raise ValueError("TrainConfig.checkpoint_dir needs checkpoint_fractions (e.g. PAPER_CHECKPOINTS)")
 
@@ -204,6 +212,9 @@ def train(
     """Train every seed of ``bank`` on rows of ``x`` with Adam; returns the logged ``History``."""
     _check_data(x, bank)
     x = x.to(bank.W_dec.device, torch.float32)
+    if resolve_precision(cfg.precision, x.device) == "bf16" and x.device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
+                      "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here")
     callbacks = dict(callbacks or {})
     optimizer = torch.optim.Adam(bank.parameters(), lr=cfg.lr)
     log: dict[str, list] = {"step": []}
@@ -254,12 +265,14 @@ def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: T
     sparsity = cfg.sparsity_scale_at(step)
     optimizer.zero_grad(set_to_none=True)
     if bank.cfg.closed_form:
-        grads, parts = bank.loss_and_grads(batch, batch.shape[0], cfg.chunk_size, bank.cfg.l1_coeff * sparsity)
+        with matmul_precision(cfg.precision, batch.device):
+            grads, parts = bank.loss_and_grads(batch, batch.shape[0], cfg.chunk_size, bank.cfg.l1_coeff * sparsity)
         for name, param in bank.named_parameters():
-            param.grad = grads[name]
+            param.grad = grads[name].float()
         check, fired = parts["sq_err"], parts["fired"]
     else:
-        total, parts, codes = bank.loss(batch, sparsity_scale=sparsity)
+        with matmul_precision(cfg.precision, batch.device):
+            total, parts, codes = bank.loss(batch, sparsity_scale=sparsity)
         check, fired = sum(parts.values()), (codes > 0).any(1)
         total.backward()
     if not torch.isfinite(check).all():

@@ -21,7 +21,7 @@ import torch
 from paperlib.runs import TrainedRun, activation_run
 from paperlib.sae import SAEConfig
 from paperlib.store import Store
-from paperlib.train import TrainConfig
+from paperlib.train import PAPER_CHECKPOINTS, TrainConfig
 from paperlib.zoo_presets import K_FAMILY, L1_FAMILY, L1Calibration, calibrate_l1, zoo_config
 
 
@@ -32,6 +32,17 @@ class ZooRun:
     run: TrainedRun
     config: SAEConfig
     calibration: L1Calibration | None = None
+
+
+def llm_schedule(steps: int, lr: float, batch_size: int, seed: int, eval_rows: int, warmup_steps: int,
+                 decay_fraction: float = 0.2, precision: str = "auto") -> TrainConfig:
+    """Notebooks 06-10's training schedule for SAEs on LLM activations (paper A's: warm-up, constant,
+    linear decay over the last ``decay_fraction``; unit mean squared norm; b_dec at the geometric
+    median; decoder snapshots at paper A's checkpoints; ``precision`` of the matmuls, see
+    ``TrainConfig``). Same arguments, same cache key, in every notebook."""
+    return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, log_every=max(1, steps // 10), seed=seed,
+                       eval_rows=min(4096, eval_rows), warmup_steps=warmup_steps, decay_fraction=decay_fraction,
+                       normalize=True, b_dec_init="median", checkpoint_fractions=PAPER_CHECKPOINTS, precision=precision)
 
 
 def rule_config(architecture: str, d_model: int, n_latents: int, sparsity: int, n_seeds: int = 1, seed: int = 0,

@@ -13,7 +13,7 @@ import torch
 from paperlib.explorer import write_explorer
 from paperlib.family import (
     FamilyConfig, MemoryActivations, auc, cached_insertion, cached_path, cached_top_contexts, cross_seed_similarity,
-    llm_schedule, novel_fraction, partial_rank_correlation, rank_correlation, path_from_tensors, path_tensors, top_tokens, train_family,
+    novel_fraction, partial_rank_correlation, rank_correlation, path_from_tensors, path_tensors, top_tokens, train_family,
 )
 from paperlib.organism import UniformOrganism, sample_uniform
 from paperlib.sae import SAEBank
@@ -22,6 +22,7 @@ from paperlib.stitching import insertion_effects, max_cosine
 from paperlib.store import Store
 from paperlib.train import PAPER_CHECKPOINTS
 from paperlib.zoo_presets import zoo_config
+from paperlib.zoo_runs import llm_schedule
 
 D = 8
 

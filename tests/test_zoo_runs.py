@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from paperlib.family import FamilyConfig, MemoryActivations, llm_schedule, train_family
+from paperlib.family import FamilyConfig, MemoryActivations, train_family
 from paperlib.organism import UniformOrganism, sample_uniform
 from paperlib.store import Store
 from paperlib.zoo_presets import zoo_config
-from paperlib.zoo_runs import rule_config, zoo_run
+from paperlib.zoo_runs import llm_schedule, rule_config, zoo_run
 
 D, WIDTH, TARGET = 16, 48, 3
 
