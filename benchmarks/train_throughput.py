@@ -24,6 +24,11 @@ What is timed
     their step (their trainers need a language model and a data pipeline, which the loop replaces),
     with ``torch.optim.Adam``. ``--warmup`` steps first, then ``--steps`` timed steps.
 
+paperlib-bf16: the same single-seed run with ``TrainConfig(precision="bf16")`` (every matmul of the
+step takes bfloat16 inputs; weights, Adam and losses stay fp32), measured only where the CPU has
+native bf16 (AVX512-BF16 or AMX). Its roofline is the machine's bf16 matmul rate, and its ratio to
+the peers (all fp32) is reported separately, as ``paperlib_bf16_over_fastest_peer_fp32``.
+
 Reported per measurement: tokens/s per SAE = steps * batch / seconds (each seed of a bank sees every
 token, so a bank of S seeds trains S * that many SAE-tokens per second: ``tokens_per_s_aggregate``)
 and that aggregate as a fraction of the machine's dense fp32 matmul roofline for the one
@@ -89,13 +94,13 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _matmul_gflops(d: int, n: int, reps: int = 3) -> float:
-    """Median dense float32 rate of a [BATCH, d] x [d, n] torch matmul, in GFLOP/s."""
+def _matmul_gflops(d: int, n: int, reps: int = 3, dtype: str = "float32") -> float:
+    """Median dense rate of a [BATCH, d] x [d, n] torch matmul in ``dtype``, in GFLOP/s."""
     import torch
 
-    a = torch.randn(BATCH, d)
-    b = torch.randn(d, n)
-    out = torch.empty(BATCH, n)
+    a = torch.randn(BATCH, d, dtype=getattr(torch, dtype))
+    b = torch.randn(d, n, dtype=a.dtype)
+    out = torch.empty(BATCH, n, dtype=a.dtype)
     torch.matmul(a, b, out=out)  # warm-up
     times = []
     for _ in range(reps):
@@ -137,7 +142,7 @@ def _time_loop(step: Callable[[int, Any], None], x: Any, warmup: int, steps: int
     return {"seconds": seconds, "warmup_seconds": warm, "loadavg_before": load_before, "loadavg_after": _load()}
 
 
-def _child_paperlib(args: argparse.Namespace, x: Any) -> dict[str, Any]:
+def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32") -> dict[str, Any]:
     import warnings
 
     sys.path.insert(0, str(ROOT))
@@ -174,7 +179,8 @@ def _child_paperlib(args: argparse.Namespace, x: Any) -> dict[str, Any]:
         bank = SAEBank(cfg)
 
         def train_cfg(steps: int) -> TrainConfig:
-            return TrainConfig(steps=steps, lr=LR, batch_size=args.batch, log_every=10**9, eval_rows=args.batch)
+            return TrainConfig(steps=steps, lr=LR, batch_size=args.batch, log_every=10**9, eval_rows=args.batch,
+                               precision=precision)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -282,6 +288,7 @@ def _child_dictionary_learning(args: argparse.Namespace, x: Any) -> dict[str, An
 
 CHILDREN: dict[str, Callable[[argparse.Namespace, Any], dict[str, Any]]] = {
     "paperlib": _child_paperlib,
+    "paperlib-bf16": lambda args, x: _child_paperlib(args, x, precision="bf16"),
     "eai-sparsify": _child_sparsify,
     "sae-lens": _child_sae_lens,
     "dictionary-learning": _child_dictionary_learning,
@@ -305,7 +312,8 @@ def _child(args: argparse.Namespace) -> None:
         x = torch.load(args.data, weights_only=True)
         out.update(CHILDREN[args._child](args, x))
         # The machine's matmul rate right after the measurement, as a check on interference.
-        out["matmul_gflops_after"] = round(_matmul_gflops(args.d, args.n, reps=2), 1)
+        dtype = "bfloat16" if args._child == "paperlib-bf16" else "float32"
+        out["matmul_gflops_after"] = round(_matmul_gflops(args.d, args.n, reps=2, dtype=dtype), 1)
     except Exception as exc:  # reported, never raised: the parent records the reason and goes on
         out["error"] = _sanitize(f"{type(exc).__name__}: {exc}")
         out["traceback"] = _tail(traceback.format_exc(), 8)
@@ -485,6 +493,9 @@ def main() -> None:
 
     import torch
 
+    from paperlib.runtime import cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16()
     sizes = []
     for text in args.sizes:
         try:
@@ -502,7 +513,7 @@ def main() -> None:
         "argv": [_sanitize(a) for a in sys.argv[1:]],
         "paperlib_commit": _git_commit(),
         "machine": _machine(),
-        "config": {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR, "dtype": "float32",
+        "config": {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR, "dtype": "float32 (paperlib-bf16: bf16 matmul inputs)",
                    "device": "cpu", "data": f"{DATA_BATCHES * BATCH} rows per size: Gaussian, rank-{DATA_RANK} "
                    f"structure (log-spaced variances 10..0.1) + N(0, 0.3^2) noise + a random offset, seed {DATA_SEED}+d",
                    "paperlib": "SAEConfig('topk', k=32, decoder='unit', reconstruction='sum'), "
@@ -531,8 +542,11 @@ def main() -> None:
             digest = _synthetic(d, data)
             gflops = _matmul_gflops(d, n, reps=5)
             roofline = gflops * 1e9 / (2 * d * n)
+            bf16_gflops = _matmul_gflops(d, n, reps=5, dtype="bfloat16") if native_bf16 else None
             size_key = f"{d}x{n}"
             result["machine"]["matmul_gflops"][size_key] = {"gflops": round(gflops, 1), "loadavg": _load()}
+            if bf16_gflops:
+                result["machine"]["matmul_gflops"][size_key]["bf16_gflops"] = round(bf16_gflops, 1)
             print(f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul {gflops:.0f} GFLOP/s -> roofline "
                   f"{roofline:.0f} tok/s; data sha256 {digest}", flush=True)
             size_meas: dict[str, Any] = {}
@@ -549,12 +563,13 @@ def main() -> None:
                 print(f"   {library:<20} skipped: {reason}", flush=True)
                 _write(out_path, result)
 
-            def measure(python: str, name: str, **kw: int) -> dict[str, Any]:
-                """One child measurement; measured again once when its matmul check shows contention."""
+            def measure(python: str, name: str, reference: float = gflops, **kw: int) -> dict[str, Any]:
+                """One child measurement; measured again once when its matmul check (against the
+                ``reference`` rate of its precision) shows contention."""
                 child = _run_child(python, name, d, n, steps, warmup, data, args.child_timeout, **kw)
                 rate = child.get("matmul_gflops_after")
-                if "error" not in child and rate is not None and rate < CONTENDED * gflops:
-                    print(f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {gflops:.0f}: the CPU was "
+                if "error" not in child and rate is not None and rate < CONTENDED * reference:
+                    print(f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: the CPU was "
                           "shared; waiting for a quieter moment and measuring again", flush=True)
                     _wait_for_quiet()
                     retry = _run_child(python, name, d, n, steps, warmup, data, args.child_timeout, **kw)
@@ -564,14 +579,18 @@ def main() -> None:
                             r["loadavg_before"] for r in first], "seconds": [round(r["seconds"], 3) for r in first]}
                         child = retry
                 if "error" not in child:
-                    child["contended"] = child.get("matmul_gflops_after", 0.0) < CONTENDED * gflops
+                    child["contended"] = child.get("matmul_gflops_after", 0.0) < CONTENDED * reference
                 return child
 
-            # paperlib: three separate single-seed runs (seeds 0, 1, 2), then one bank of three seeds.
-            for seeds, repeat in ((1, BANK_SEEDS), (BANK_SEEDS, 1)):
-                child = measure(sys.executable, "paperlib", seeds=seeds, repeat=repeat)
+            # paperlib: three separate single-seed runs (seeds 0, 1, 2), then one bank of three seeds,
+            # then (on a CPU with native bf16) one single-seed run with bf16 matmuls.
+            variants = [("paperlib", 1, BANK_SEEDS, gflops, roofline), ("paperlib", BANK_SEEDS, 1, gflops, roofline)]
+            if bf16_gflops:
+                variants.append(("paperlib-bf16", 1, 1, bf16_gflops, bf16_gflops * 1e9 / (2 * d * n)))
+            for library, seeds, repeat, reference, library_roofline in variants:
+                child = measure(sys.executable, library, reference, seeds=seeds, repeat=repeat)
                 if "error" in child:
-                    skip("paperlib", child["error"], seeds=seeds, detail=child.get("traceback") or child.get("stderr"))
+                    skip(library, child["error"], seeds=seeds, detail=child.get("traceback") or child.get("stderr"))
                     continue
                 for i, run in enumerate(child["runs"]):
                     extra = {k: run[k] for k in ("seed", "seconds_with_evals", "eval_seconds", "final_fvu", "warnings")}
@@ -580,8 +599,8 @@ def main() -> None:
                                  contended_first_attempt=child.get("contended_first_attempt"),
                                  torch_threads=child["torch_threads"],
                                  matmul_gflops_after=child["matmul_gflops_after"])
-                    record(_measurement("paperlib", child["version"], d, n, seeds, steps, roofline, run, extra),
-                           f"paperlib_S{seeds}_{i}")
+                    record(_measurement(library, child["version"], d, n, seeds, steps, library_roofline, run, extra),
+                           f"{library}_S{seeds}_{i}")
 
             for peer in args.peers:
                 info = result["peers"][peer]
@@ -612,6 +631,9 @@ def main() -> None:
                     if bank:
                         ratios[f"paperlib_bank{BANK_SEEDS}_aggregate_over_fastest_peer"] = round(
                             bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3)
+                    if "paperlib-bf16_S1_0" in size_meas:
+                        ratios["paperlib_bf16_over_fastest_peer_fp32"] = round(
+                            size_meas["paperlib-bf16_S1_0"]["tokens_per_s_per_sae"] / best["tokens_per_s_per_sae"], 3)
                 if bank and len(singles) == BANK_SEEDS:
                     separate = sum(m["seconds"] for m in singles)
                     ratios[f"together_over_separate_{BANK_SEEDS}"] = round(separate / bank["seconds"], 3)
