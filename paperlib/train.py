@@ -264,15 +264,16 @@ def train(
 def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, step: int) -> None:
     sparsity = cfg.sparsity_scale_at(step)
     optimizer.zero_grad(set_to_none=True)
-    if bank.cfg.closed_form:
-        with matmul_precision(cfg.precision, batch.device):
+    with matmul_precision(cfg.precision, batch.device):
+        if bank.cfg.closed_form:  # gradients accumulate in fp32 buffers whatever the matmul precision
             grads, parts = bank.loss_and_grads(batch, batch.shape[0], cfg.chunk_size, bank.cfg.l1_coeff * sparsity)
+        else:
+            total, parts, codes = bank.loss(batch, sparsity_scale=sparsity)
+    if bank.cfg.closed_form:
         for name, param in bank.named_parameters():
-            param.grad = grads[name].float()
+            param.grad = grads[name]
         check, fired = parts["sq_err"], parts["fired"]
     else:
-        with matmul_precision(cfg.precision, batch.device):
-            total, parts, codes = bank.loss(batch, sparsity_scale=sparsity)
         check, fired = sum(parts.values()), (codes > 0).any(1)
         total.backward()
     if not torch.isfinite(check).all():

@@ -40,8 +40,8 @@ def llm_schedule(steps: int, lr: float, batch_size: int, seed: int, eval_rows: i
     linear decay over the last ``decay_fraction``; unit mean squared norm; b_dec at the geometric
     median; decoder snapshots at paper A's checkpoints; ``precision`` of the matmuls, see
     ``TrainConfig``). Metrics are logged before and after training only: no notebook reads the
-    intermediate ones (PW-MCC over training uses the snapshots), and ten fp32 evaluations per run
-    cost notebook 06 about 2.5 of its 30 minutes. Same arguments, same cache key, in every notebook."""
+    intermediate ones (PW-MCC over training uses the snapshots), and each fp32 evaluation of a
+    06-sized bank costs ~0.5 s (measured), ten per run. Same arguments, same cache key, in every notebook."""
     return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, log_every=steps, seed=seed,
                        eval_rows=min(4096, eval_rows), warmup_steps=warmup_steps, decay_fraction=decay_fraction,
                        normalize=True, b_dec_init="median", checkpoint_fractions=PAPER_CHECKPOINTS, precision=precision)
