@@ -21,7 +21,7 @@ ASSETS_STAMP := $(VENV)/.assets-stamp
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
-LIBRARY := $(wildcard paperlib/*.py)
+LIBRARY := $(wildcard paperlib/*.py paperlib/*.cpp)
 
 .PHONY: setup assets figures test test-integration lab bench lock clean clean-cache
 

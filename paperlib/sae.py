@@ -18,7 +18,8 @@ the LLM notebooks set what the papers' LLM runs used.
 ReLU and TopK (without AuxK) also have exact closed-form gradients (``loss_and_grads``) that
 process a batch in cache-sized chunks and never build an autograd graph: ~3x faster than autograd
 on CPU, and equal to it (tested); for TopK with k much smaller than n they touch only the k active
-latents of each sample (``sparse_topk.py``). Everything else trains through autograd on ``loss``.
+latents of each sample (``sparse_topk.py``); for small SAEs on CPU the whole step is one fused C++
+kernel (``fused.py``). Everything else trains through autograd on ``loss``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from paperlib.architectures import ARCHITECTURES, Architecture
+from paperlib.fused import fused_grads
 from paperlib.runtime import maybe_compile
 from paperlib.sparse_topk import sparse_pays_off, sparse_topk_loss_and_grads
 
@@ -233,7 +235,8 @@ class SAEBank(nn.Module):
                 raise ValueError(f"the sparse path is for TopK SAEs, not {self.cfg.architecture}")
             grads, sums, fired = sparse_topk_loss_and_grads(self, x, n_rows, l1, dims)
         else:
-            grads, sums, fired = self._dense_grads(x, n_rows, chunk_size, l1, dims)
+            fused = fused_grads(self, x, n_rows, l1, dims)  # small SAEs on CPU: one fused pass
+            grads, sums, fired = fused if fused is not None else self._dense_grads(x, n_rows, chunk_size, l1, dims)
         named = dict(zip(("W_dec", "W_enc", "b_enc", "b_dec"), grads))
         return named, {"sq_err": sums[0], "l1": sums[1], "l0": sums[2], "fired": fired}
 

@@ -65,8 +65,10 @@ def test_tied_initialisation_with_requested_norm():
     assert torch.equal(bank.W_enc, bank.W_dec.transpose(1, 2))
 
 
+@pytest.mark.parametrize("fused", ["1", "0"])  # the fused CPU kernel (fused.py) and the torch path
 @pytest.mark.parametrize("architecture", ["relu", "topk"])
-def test_closed_form_gradients_equal_autograd(architecture):
+def test_closed_form_gradients_equal_autograd(architecture, fused, monkeypatch):
+    monkeypatch.setenv("PAPERLIB_FUSED", fused)
     torch.manual_seed(0)
     bank = make(architecture, init_scale=0.5)
     with torch.no_grad():

@@ -1,0 +1,115 @@
+"""Benchmark the closed-form training step of small SAEs: paperlib's fused CPU kernel vs its torch path.
+
+    python benchmarks/organism_step.py [--repeats N] [--out PATH]
+
+At the model organism's sizes a step is memory- and overhead-bound, not GEMM-bound, so this is where
+the fused kernel (``paperlib/fused.py``) matters: notebook 01 runs 60,000 such steps. Measured per
+shape, in this process: ``SAEBank.loss_and_grads`` (gradients and loss sums of every seed; the
+torch path compiled as in training) with ``PAPERLIB_FUSED=1`` and ``0``, and a whole ``train()``
+(Adam included, two evaluations included) of ``--train-steps`` steps with each. The step's FLOPs are
+those of its five [rows, d] x [d, n]-sized matmuls per seed; they are set against the machine's
+dense fp32 matmul rate, measured here on a 2048-cube and on the step's own skinny shape.
+
+Shapes: notebook 01's (d=16, n=32, 50,000 rows full-batch, 5 seeds; ReLU and TopK k=3) and
+notebook 02's (d=20, n=40, batches of 512, 3 seeds, TopK k=8). Peers are compared at LLM sizes in
+``train_throughput.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import _git_commit, _load, _machine, _write  # noqa: E402
+
+from paperlib.sae import SAEBank, SAEConfig  # noqa: E402
+from paperlib.train import TrainConfig, train  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "organism_step.json"
+SHAPES = [  # (label, architecture, d, n, k, rows per step, seeds)
+    ("01 ReLU", "relu", 16, 32, None, 50_000, 5),
+    ("01 TopK", "topk", 16, 32, 3, 50_000, 5),
+    ("02 TopK", "topk", 20, 40, 8, 512, 3),
+]
+
+
+def _gflops(a_shape: tuple[int, int], b_shape: tuple[int, int], repeats: int = 20) -> float:
+    a, b = torch.randn(*a_shape), torch.randn(*b_shape)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1] / statistics.median(times) / 1e9
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    fn()  # compile and first-touch outside the timing
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(architecture: str, d: int, n: int, k: int | None, rows: int, seeds: int, repeats: int,
+             train_steps: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=gen).abs() * (torch.rand(rows, d, generator=gen) < 0.2)
+    config = SAEConfig(architecture, d, n, k=k, l1_coeff=1e-2 if architecture == "relu" else 0.0, n_seeds=seeds)
+    out = {}
+    for path, flag in (("fused", "1"), ("torch", "0")):
+        os.environ["PAPERLIB_FUSED"] = flag
+        bank = SAEBank(config)
+        step = _median_seconds(lambda: bank.loss_and_grads(x, rows), repeats)
+        train(SAEBank(config), x, TrainConfig(steps=2, log_every=2), progress=False)  # first-call costs
+        schedule = TrainConfig(steps=train_steps, lr=1e-4, log_every=train_steps)
+        t0 = time.perf_counter()
+        train(SAEBank(config), x, schedule, progress=False)
+        out[path] = {"step_ms": round(step * 1e3, 3),
+                     "train_ms_per_step": round((time.perf_counter() - t0) / train_steps * 1e3, 3)}
+    os.environ.pop("PAPERLIB_FUSED")
+    flops = 5 * 2 * rows * d * n * seeds
+    out["gflop_per_step"] = round(flops / 1e9, 4)
+    out["fused_gflops"] = round(flops / out["fused"]["step_ms"] / 1e6, 1)
+    out["torch_gflops"] = round(flops / out["torch"]["step_ms"] / 1e6, 1)
+    out["skinny_matmul_gflops"] = round(_gflops((rows, d), (d, n)), 1)
+    out["speedup_step"] = round(out["torch"]["step_ms"] / out["fused"]["step_ms"], 2)
+    out["speedup_train"] = round(out["torch"]["train_ms_per_step"] / out["fused"]["train_ms_per_step"], 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    result = {"machine": _machine(), "commit": _git_commit(), "loadavg_before": _load(), "shapes": {}}
+    result["machine"]["matmul_gflops"]["2048^3"] = round(_gflops((2048, 2048), (2048, 2048), 5), 1)
+    peak = result["machine"]["matmul_gflops"]["2048^3"]
+    for label, architecture, d, n, k, rows, seeds in SHAPES:
+        m = _measure(architecture, d, n, k, rows, seeds, args.repeats, args.train_steps)
+        m.update(architecture=architecture, d=d, n=n, k=k, rows=rows, seeds=seeds,
+                 fused_fraction_of_matmul_peak=round(m["fused_gflops"] / peak, 3))
+        result["shapes"][label] = m
+        print(f"{label}: step fused {m['fused']['step_ms']:.2f} ms vs torch {m['torch']['step_ms']:.2f} ms "
+              f"(x{m['speedup_step']}); train() x{m['speedup_train']}; fused {m['fused_gflops']:.0f} GFLOP/s = "
+              f"{m['fused_fraction_of_matmul_peak']:.0%} of the 2048^3 matmul rate ({peak:.0f})")
+        _write(args.out, result)
+    result["loadavg_after"] = _load()
+    _write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

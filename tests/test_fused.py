@@ -1,0 +1,118 @@
+"""The fused CPU step (fused.py): equal to the torch path, independent of the thread count, used
+only where it applies, and a clean fallback when it cannot be compiled."""
+
+import pytest
+import torch
+
+from paperlib import fused
+from paperlib.sae import SAEBank, SAEConfig
+from paperlib.train import TrainConfig, train
+
+
+def perturbed_bank(architecture="topk", d=5, n=7, k=2, seeds=3, **overrides):
+    """Odd sizes (padding inside the kernel), non-zero biases, L1 on."""
+    torch.manual_seed(0)
+    bank = SAEBank(SAEConfig(architecture, d, n, k=k if architecture == "topk" else None, l1_coeff=1e-2,
+                             n_seeds=seeds, seed=3, **overrides))
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return bank
+
+
+def both_paths(bank, x, monkeypatch):
+    monkeypatch.setenv("PAPERLIB_FUSED", "1")
+    assert fused.applies(bank, x)
+    on = bank.loss_and_grads(x, n_rows=x.shape[0])
+    monkeypatch.setenv("PAPERLIB_FUSED", "0")
+    assert not fused.applies(bank, x)
+    return on, bank.loss_and_grads(x, n_rows=x.shape[0])
+
+
+@pytest.mark.parametrize("architecture,k,reconstruction", [("relu", None, "mean"), ("topk", 2, "mean"),
+                                                            ("topk", 6, "sum")])
+def test_fused_step_equals_the_torch_path(architecture, k, reconstruction, monkeypatch):
+    bank = perturbed_bank(architecture, k=k, reconstruction=reconstruction)
+    x = torch.randn(2 * 2048 + 17, 5)  # two full kernel chunks and a ragged tail
+    (grads, parts), (ref_grads, ref_parts) = both_paths(bank, x, monkeypatch)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()), msg=name)
+    for name in ("sq_err", "l1", "l0"):
+        torch.testing.assert_close(parts[name], ref_parts[name], rtol=1e-5, atol=1e-3)
+    assert torch.equal(parts["fired"], ref_parts["fired"])
+    assert (parts["l0"] > 0).all() and (parts["l1"] > 0).all()
+
+
+def test_topk_selection_at_the_largest_supported_k(monkeypatch):
+    bank = perturbed_bank("topk", d=8, n=40, k=fused.MAX_K, seeds=1)
+    x = torch.randn(300, 8)
+    (grads, parts), (ref_grads, ref_parts) = both_paths(bank, x, monkeypatch)
+    assert torch.equal(parts["l0"], ref_parts["l0"])
+    torch.testing.assert_close(grads["W_enc"], ref_grads["W_enc"], rtol=1e-4, atol=1e-6)
+
+
+def test_result_does_not_depend_on_the_thread_count(monkeypatch):
+    bank = perturbed_bank("relu")
+    x = torch.randn(3 * 2048 + 5, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = bank.loss_and_grads(x, n_rows=x.shape[0])
+        torch.set_num_threads(max(2, threads))
+        many, _ = bank.loss_and_grads(x, n_rows=x.shape[0])
+    finally:
+        torch.set_num_threads(threads)
+    for name in one:
+        assert torch.equal(one[name], many[name]), name
+
+
+def test_training_through_the_fused_step_matches_the_torch_path(monkeypatch):
+    x = torch.randn(600, 5)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PAPERLIB_FUSED", flag)
+        bank = perturbed_bank("topk")
+        history = train(bank, x, TrainConfig(steps=40, lr=1e-2, log_every=40), progress=False)
+        runs[flag] = bank, history
+    (bank, history), (ref_bank, _) = runs["1"], runs["0"]
+    assert history.final("loss")[0] < history["loss"][0][0]  # it trains
+    for (name, p), ref in zip(bank.named_parameters(), ref_bank.parameters()):
+        torch.testing.assert_close(p, ref, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_used_only_where_it_applies(monkeypatch):
+    monkeypatch.setenv("PAPERLIB_FUSED", "1")
+    x = torch.randn(8, 5)
+    assert fused.applies(perturbed_bank("relu"), x)
+    assert not fused.applies(perturbed_bank("relu"), x.double())
+    assert not fused.applies(perturbed_bank("relu", d=64, n=128), torch.randn(8, 64))  # beyond MAX_WEIGHTS
+    assert not fused.applies(perturbed_bank("topk", d=5, n=48, k=fused.MAX_K + 1), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # precision="bf16": the torch path autocasts
+        assert not fused.applies(perturbed_bank("relu"), x)
+
+
+def test_without_a_compiler_it_warns_once_and_trains_on_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAPERLIB_CACHE", str(tmp_path))  # nothing compiled yet
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(fused, "_warned", False)
+    fused._kernel.cache_clear()
+    bank = perturbed_bank("relu", d=3, n=5)
+    x = torch.randn(40, 3)
+    try:
+        with pytest.warns(UserWarning, match="could not be compiled.*PAPERLIB_FUSED=0"):
+            grads, _ = bank.loss_and_grads(x, n_rows=40)
+    finally:
+        fused._kernel.cache_clear()  # later tests compile with the real compiler again
+    monkeypatch.setenv("PAPERLIB_FUSED", "0")
+    ref, _ = bank.loss_and_grads(x, n_rows=40)
+    for name in ref:
+        assert torch.equal(grads[name], ref[name]), name
+    assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built left behind
+
+
+def test_a_compiled_kernel_is_reused_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("PAPERLIB_CACHE", str(tmp_path))
+    first = fused._build(4, 6, 0)
+    stamp = first.stat().st_mtime_ns
+    assert fused._build(4, 6, 0) == first and first.stat().st_mtime_ns == stamp
+    assert fused._build(4, 6, 2) != first
