@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from paperlib.fused import sparse_tail
+
 if TYPE_CHECKING:
     from paperlib.sae import SAEBank
 
@@ -54,21 +56,34 @@ def sparse_topk_loss_and_grads(
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0
-        err = F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + bank.b_dec[s] - x
-        g = err * scale
-        d_val = torch.empty_like(val)
-        for start in range(0, x.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            chosen = W_dec[idx[rows]]  # [c, k, d]
-            d_val[rows] = torch.bmm(chosen, g[rows, :, None])[..., 0]
-            d_W_dec.index_add_(0, idx[rows].flatten(), (val[rows, :, None] * g[rows, None, :]).flatten(0, 1))
-        d_val = (d_val + l1_coeff / n_rows) * active
-        for start in range(0, x.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            d_W_enc_t.index_add_(0, idx[rows].flatten(), (d_val[rows, :, None] * centred[rows, None, :]).flatten(0, 1))
+        tail = sparse_tail(x, bank.b_dec[s], W_dec, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t)
+        if tail is not None:  # on CPU: the same sums without the [chunk, k, d] temporaries (fused.py)
+            g, d_val, sq_err = tail
+        else:
+            g, d_val, sq_err = _torch_tail(x, centred, bank.b_dec[s], W_dec, idx, val, active, scale,
+                                           l1_coeff / n_rows, d_W_dec, d_W_enc_t, chunk_size)
         grads[1][s] = d_W_enc_t.T
         grads[2][s].index_add_(0, idx.flatten(), d_val.flatten())
         grads[3][s] = g.sum(0) - W_enc @ grads[2][s]
-        sums[:, s] = torch.stack([err.square().sum(), val.sum(), active.sum().to(val.dtype)])
+        sums[:, s] = torch.stack([sq_err, val.sum(), active.sum().to(val.dtype)])
         fired[s, idx[active]] = True
     return grads, sums, fired
+
+
+def _torch_tail(x: Tensor, centred: Tensor, b_dec: Tensor, W_dec: Tensor, idx: Tensor, val: Tensor, active: Tensor,
+                scale: float, l1_per_row: float, d_W_dec: Tensor, d_W_enc_t: Tensor, chunk_size: int):
+    """The step after the top-k selection in torch ops (what ``fused.sparse_tail`` computes): adds
+    into ``d_W_dec`` and ``d_W_enc_t``; returns g, the active codes' gradients and the squared error."""
+    err = F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + b_dec - x
+    g = err * scale
+    d_val = torch.empty_like(val)
+    for start in range(0, x.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        chosen = W_dec[idx[rows]]  # [c, k, d]
+        d_val[rows] = torch.bmm(chosen, g[rows, :, None])[..., 0]
+        d_W_dec.index_add_(0, idx[rows].flatten(), (val[rows, :, None] * g[rows, None, :]).flatten(0, 1))
+    d_val = (d_val + l1_per_row) * active
+    for start in range(0, x.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        d_W_enc_t.index_add_(0, idx[rows].flatten(), (d_val[rows, :, None] * centred[rows, None, :]).flatten(0, 1))
+    return g, d_val, err.square().sum()

@@ -1,5 +1,5 @@
-"""The fused CPU step (fused.py): equal to the torch path, independent of the thread count, used
-only where it applies, and a clean fallback when it cannot be compiled."""
+"""The fused CPU kernels (fused.py): equal to the torch paths, independent of the thread count, used
+only where they apply, and a clean fallback when they cannot be compiled."""
 
 import pytest
 import torch
@@ -51,6 +51,43 @@ def test_topk_selection_at_the_largest_supported_k(monkeypatch):
     torch.testing.assert_close(grads["W_enc"], ref_grads["W_enc"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("reconstruction", ["mean", "sum"])
+def test_sparse_topk_tail_equals_its_torch_version(reconstruction, monkeypatch):
+    torch.manual_seed(2)
+    bank = SAEBank(SAEConfig("topk", 16, 600, k=8, l1_coeff=1e-2, n_seeds=2, reconstruction=reconstruction))
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        bank.b_enc.sub_(2.8)  # some rows have fewer than k positive pre-activations: zero codes in the top k
+    x = torch.randn(700, 16)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PAPERLIB_FUSED", flag)
+        results[flag] = bank.loss_and_grads(x, n_rows=700, sparse=True)
+    (grads, parts), (ref_grads, ref_parts) = results["1"], results["0"]
+    assert (ref_parts["l0"] < 700 * 8).all() and (ref_parts["l0"] > 0).all()  # zero codes occur, and real ones
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()), msg=name)
+    for name in ("sq_err", "l1", "l0"):
+        torch.testing.assert_close(parts[name], ref_parts[name], rtol=1e-5, atol=1e-4)
+    assert torch.equal(parts["fired"], ref_parts["fired"])
+
+
+def test_sparse_tail_does_not_depend_on_the_thread_count():
+    bank = SAEBank(SAEConfig("topk", 16, 600, k=8, n_seeds=1))
+    x = torch.randn(500, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = bank.loss_and_grads(x, n_rows=500, sparse=True)
+        torch.set_num_threads(max(2, threads))
+        many, _ = bank.loss_and_grads(x, n_rows=500, sparse=True)
+    finally:
+        torch.set_num_threads(threads)
+    for name in one:
+        assert torch.equal(one[name], many[name]), name
+
+
 def test_result_does_not_depend_on_the_thread_count(monkeypatch):
     bank = perturbed_bank("relu")
     x = torch.randn(3 * 2048 + 5, 5)
@@ -95,24 +132,28 @@ def test_without_a_compiler_it_warns_once_and_trains_on_the_torch_path(monkeypat
     monkeypatch.setenv("PAPERLIB_CACHE", str(tmp_path))  # nothing compiled yet
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     monkeypatch.setattr(fused, "_warned", False)
-    fused._kernel.cache_clear()
+    fused._library.cache_clear()
     bank = perturbed_bank("relu", d=3, n=5)
-    x = torch.randn(40, 3)
+    sparse_bank = SAEBank(SAEConfig("topk", 8, 600, k=4, n_seeds=1))
+    x, x_sparse = torch.randn(40, 3), torch.randn(50, 8)
     try:
         with pytest.warns(UserWarning, match="could not be compiled.*PAPERLIB_FUSED=0"):
             grads, _ = bank.loss_and_grads(x, n_rows=40)
+        sparse_grads, _ = sparse_bank.loss_and_grads(x_sparse, n_rows=50, sparse=True)
     finally:
-        fused._kernel.cache_clear()  # later tests compile with the real compiler again
+        fused._library.cache_clear()  # later tests compile with the real compiler again
     monkeypatch.setenv("PAPERLIB_FUSED", "0")
     ref, _ = bank.loss_and_grads(x, n_rows=40)
+    sparse_ref, _ = sparse_bank.loss_and_grads(x_sparse, n_rows=50, sparse=True)
     for name in ref:
         assert torch.equal(grads[name], ref[name]), name
+        assert torch.equal(sparse_grads[name], sparse_ref[name]), name
     assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built left behind
 
 
 def test_a_compiled_kernel_is_reused_from_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PAPERLIB_CACHE", str(tmp_path))
-    first = fused._build(4, 6, 0)
+    first = fused._build("fused_step", {"d": 4, "n": 6, "k": 0})
     stamp = first.stat().st_mtime_ns
-    assert fused._build(4, 6, 0) == first and first.stat().st_mtime_ns == stamp
-    assert fused._build(4, 6, 2) != first
+    assert fused._build("fused_step", {"d": 4, "n": 6, "k": 0}) == first and first.stat().st_mtime_ns == stamp
+    assert fused._build("fused_step", {"d": 4, "n": 6, "k": 2}) != first
