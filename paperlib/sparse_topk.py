@@ -11,9 +11,11 @@ n latents: the codes have k non-zeros per sample. Here, per seed,
     dW_dec[idx_j] += val_j g,  dW_enc[:, idx_j] += d val_j (x - b_dec)    scatter-adds
 
 so everything after the encoder forward is O(B·k·d) instead of O(B·n·d). Work is done in
-chunks of samples so the [chunk, k, d] gathers stay small. The result equals the dense closed
-form (``SAEBank.loss_and_grads(..., sparse=False)``) up to float rounding (tested), and
-``loss_and_grads`` picks this path automatically when k is small next to n.
+chunks of samples so the [chunk, k, d] gathers stay small; on CPU everything after the top-k
+selection runs in one fused C++ kernel instead (``fused.sparse_tail``: no [chunk, k, d]
+temporaries at all). The result equals the dense closed form (``SAEBank.loss_and_grads(...,
+sparse=False)``) up to float rounding (tested), and ``loss_and_grads`` picks this path
+automatically when k is small next to n.
 """
 
 from __future__ import annotations
