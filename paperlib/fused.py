@@ -180,5 +180,5 @@ def _warn_once(reason: str) -> None:
     if _warned:
         return
     _warned = True
-    warnings.warn(f"the fused SAE step could not be compiled ({reason}); training uses the slower torch "
-                  "path. Install a C++ compiler (or set CXX), or set PAPERLIB_FUSED=0 to silence this")
+    warnings.warn(f"a fused SAE kernel could not be compiled ({reason}); training uses the slower torch "
+                  "ops. Install a C++ compiler (or set CXX), or set PAPERLIB_FUSED=0 to silence this")
