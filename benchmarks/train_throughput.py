@@ -33,13 +33,15 @@ Reported per measurement: tokens/s per SAE = steps * batch / seconds (each seed 
 token, so a bank of S seeds trains S * that many SAE-tokens per second: ``tokens_per_s_aggregate``)
 and that aggregate as a fraction of the machine's dense fp32 matmul roofline for the one
 unavoidable forward encoder matmul: roofline tokens/s = (FLOP/s of a [4096, d] x [d, n] float32
-torch matmul, measured here) / (2 d n). Ratios per size: paperlib (one seed) / fastest peer, and
-S=3 seeds in one bank vs three separate single-seed runs (sum of their times / the bank's time).
-The load average (``os.getloadavg()``) is recorded with every measurement; a measurement whose
-child's matmul check (run right after its timed part) falls below 75% of the parent's rate shared the
-CPU with another process: it is measured once more after the load drops, and flagged ``contended``
-if it still was. The JSON result is
-written atomically after every measurement and holds no absolute path of this machine.
+matmul, measured here) / (2 d n). torch has two fp32 GEMMs on CPU: ``torch.matmul`` (MKL, what the
+peers call) and oneDNN's linear (what paperlib's sparse TopK step calls, ``paperlib.gemm``); on AMD
+CPUs oneDNN is ~2x faster, so the roofline takes the faster of the two and both rates are recorded.
+Ratios per size: paperlib (one seed) / fastest peer, and S=3 seeds in one bank vs three separate
+single-seed runs (sum of their times / the bank's time). The load average (``os.getloadavg()``) is
+recorded with every measurement; a measurement whose child's ``torch.matmul`` check (run right after
+its timed part) falls below 75% of the parent's rate shared the CPU with another process: it is
+measured once more after the load drops, and flagged ``contended`` if it still was. The JSON result
+is written atomically after every measurement and holds no absolute path of this machine.
 """
 
 from __future__ import annotations
@@ -94,20 +96,35 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _matmul_gflops(d: int, n: int, reps: int = 3, dtype: str = "float32") -> float:
-    """Median dense rate of a [BATCH, d] x [d, n] torch matmul in ``dtype``, in GFLOP/s."""
+def _matmul_gflops(d: int, n: int, reps: int = 3, dtype: str = "float32", backend: str = "torch",
+                   rows: int = BATCH) -> float | None:
+    """Median dense rate of a [rows, d] x [d, n] matmul in ``dtype``, in GFLOP/s: through
+    ``torch.matmul`` (MKL for float32 on CPU: what the peers use) or ``backend="onednn"``, torch's
+    oneDNN linear (None where this torch lacks it)."""
     import torch
 
-    a = torch.randn(BATCH, d, dtype=getattr(torch, dtype))
+    a = torch.randn(rows, d, dtype=getattr(torch, dtype))
     b = torch.randn(d, n, dtype=a.dtype)
-    out = torch.empty(BATCH, n, dtype=a.dtype)
-    torch.matmul(a, b, out=out)  # warm-up
+    if backend == "onednn":
+        try:
+            linear = torch.ops.mkldnn._linear_pointwise
+        except (AttributeError, RuntimeError):
+            return None
+
+        def product() -> None:
+            linear(a, b.T, None, "none", [], "")
+    else:
+        out = torch.empty(rows, n, dtype=a.dtype)
+
+        def product() -> None:
+            torch.matmul(a, b, out=out)
+    product()  # warm-up
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
+        product()
         times.append(time.perf_counter() - t0)
-    return 2 * BATCH * d * n / statistics.median(times) / 1e9
+    return 2 * rows * d * n / statistics.median(times) / 1e9
 
 
 def _sanitize(text: str) -> str:
@@ -519,7 +536,8 @@ def main() -> None:
                    "paperlib": "SAEConfig('topk', k=32, decoder='unit', reconstruction='sum'), "
                    "train(..., TrainConfig(lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096))",
                    "tokens_per_s_per_sae": "steps * batch / seconds (a bank of S seeds: every seed sees every token)",
-                   "fraction_of_roofline": "S * tokens_per_s_per_sae / (matmul FLOP/s of [4096,d]x[d,n] fp32 / (2 d n))"},
+                   "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of the faster of torch.matmul and oneDNN's "
+                   "linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16"},
         "peers": {},
         "measurements": [],
         "skipped": [],
@@ -540,15 +558,19 @@ def main() -> None:
             warmup = args.warmup if args.warmup is not None else (2 if steps >= 10 else 1)
             data = Path(tmp) / f"x_{d}.pt"
             digest = _synthetic(d, data)
-            gflops = _matmul_gflops(d, n, reps=5)
-            roofline = gflops * 1e9 / (2 * d * n)
+            gflops = _matmul_gflops(d, n, reps=5)  # MKL: the peers' GEMM, and the reference of the contention check
+            onednn_gflops = _matmul_gflops(d, n, reps=5, backend="onednn")
+            roofline = max(gflops, onednn_gflops or 0.0) * 1e9 / (2 * d * n)  # the faster of torch's two fp32 GEMMs
             bf16_gflops = _matmul_gflops(d, n, reps=5, dtype="bfloat16") if native_bf16 else None
             size_key = f"{d}x{n}"
             result["machine"]["matmul_gflops"][size_key] = {"gflops": round(gflops, 1), "loadavg": _load()}
+            if onednn_gflops:
+                result["machine"]["matmul_gflops"][size_key]["onednn_gflops"] = round(onednn_gflops, 1)
             if bf16_gflops:
                 result["machine"]["matmul_gflops"][size_key]["bf16_gflops"] = round(bf16_gflops, 1)
-            print(f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul {gflops:.0f} GFLOP/s -> roofline "
-                  f"{roofline:.0f} tok/s; data sha256 {digest}", flush=True)
+            print(f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul {gflops:.0f} GFLOP/s (torch), "
+                  f"{onednn_gflops or float('nan'):.0f} (oneDNN) -> roofline {roofline:.0f} tok/s; data sha256 {digest}",
+                  flush=True)
             size_meas: dict[str, Any] = {}
 
             def record(entry: dict[str, Any], key: str) -> None:

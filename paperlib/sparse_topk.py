@@ -10,7 +10,8 @@ n latents: the codes have k non-zeros per sample. Here, per seed,
     d val_j = <g, W_dec[idx_j]> + l1 / B                    k dot products per sample
     dW_dec[idx_j] += val_j g,  dW_enc[:, idx_j] += d val_j (x - b_dec)    scatter-adds
 
-so everything after the encoder forward is O(B·k·d) instead of O(B·n·d). Work is done in
+so everything after the encoder forward is O(B·k·d) instead of O(B·n·d). On CPU that one matmul
+goes through oneDNN (``gemm.addmm``: ~2x torch's default MKL call on AMD CPUs). Work is done in
 chunks of samples so the [chunk, k, d] gathers stay small; on CPU everything after the top-k
 selection runs in one fused C++ kernel instead (``fused.sparse_tail``: no [chunk, k, d]
 temporaries at all). The result equals the dense closed form (``SAEBank.loss_and_grads(...,
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from paperlib import gemm
 from paperlib.fused import sparse_tail
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ def sparse_topk_loss_and_grads(
     """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), the loss sums [3, S] (squared
     error, L1, L0) and the [S, n] mask of latents that fired, for a TopK bank on batch ``x``."""
     k, n = bank.cfg.k, bank.cfg.n_latents
-    grads = [torch.zeros_like(p) for p in (bank.W_dec, bank.W_enc, bank.b_enc, bank.b_dec)]
+    grads = [torch.zeros_like(bank.W_dec), torch.empty_like(bank.W_enc),  # W_enc's and b_dec's: set per seed below
+             torch.zeros_like(bank.b_enc), torch.empty_like(bank.b_dec)]
     sums = torch.zeros(3, bank.n_seeds, device=x.device)
     fired = torch.zeros(bank.n_seeds, n, dtype=torch.bool, device=x.device)
     scale = 2.0 / (n_rows * dims)
@@ -54,7 +57,7 @@ def sparse_topk_loss_and_grads(
         W_dec, W_enc = bank.W_dec[s], bank.W_enc[s]
         d_W_dec, d_W_enc_t = grads[0][s], torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype)
         centred = x - bank.b_dec[s]
-        pre = torch.addmm(bank.b_enc[s], centred, W_enc).float()  # fp32 even when autocast made the GEMM bf16
+        pre = gemm.addmm(bank.b_enc[s], centred, W_enc).float()  # fp32 even when autocast made the GEMM bf16
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0

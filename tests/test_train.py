@@ -165,3 +165,18 @@ def test_resuming_someone_elses_run_is_refused(tmp_path):
     train(bank(), data.x, cfg, progress=False)
     with pytest.raises(ValueError, match="holds a run of"):
         train(bank(k=3), data.x, cfg, progress=False)
+
+
+def test_foreach_adam_updates_bitwise_like_the_per_tensor_loop():
+    """train() uses foreach Adam for speed on the claim that it rounds exactly like the default loop."""
+    params = {impl: [torch.nn.Parameter(p.detach().clone()) for p in bank("topk").parameters()] for impl in (False, True)}
+    optimizers = {impl: torch.optim.Adam(ps, lr=1e-3, foreach=impl) for impl, ps in params.items()}
+    torch.manual_seed(0)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in params[False]]
+        for impl, ps in params.items():
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            optimizers[impl].param_groups[0]["lr"] = 1e-3 / (step + 1)
+            optimizers[impl].step()
+    assert all(torch.equal(p, q) for p, q in zip(params[False], params[True]))
