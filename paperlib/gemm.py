@@ -38,16 +38,17 @@ def _linear():
         return None
 
 
-def applies(x: Tensor, weight: Tensor) -> bool:
+def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether ``addmm(bias, x, weight)`` takes the oneDNN route."""
-    return (enabled() and _linear() is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.dim() == weight.dim() == 2 and min(*x.shape, weight.shape[1]) >= MIN_DIM
-            and not torch.is_autocast_enabled("cpu") and not (torch.is_grad_enabled()
-                                                              and (x.requires_grad or weight.requires_grad)))
+    if not enabled() or _linear() is None or torch.is_autocast_enabled("cpu"):
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return (not needs_grad and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.dim() == weight.dim() == 2 and min(*x.shape, weight.shape[1]) >= MIN_DIM)
 
 
 def addmm(bias: Tensor | None, x: Tensor, weight: Tensor) -> Tensor:
     """``bias + x @ weight`` for ``x`` [m, k] and ``weight`` [k, n], through oneDNN where it applies."""
-    if applies(x, weight):
+    if applies(x, weight, bias):
         return _linear()(x, weight.T, bias, "none", [], "")
     return x @ weight if bias is None else torch.addmm(bias, x, weight)

@@ -40,6 +40,7 @@ def cases_outside():
     yield "a small dimension", torch.randn(70, 16), torch.randn(16, 80)
     yield "bf16 inputs", big[0].bfloat16(), big[1].bfloat16()
     yield "a weight that needs a gradient", big[0], big[1].clone().requires_grad_()
+    yield "an input that needs a gradient", big[0].clone().requires_grad_(), big[1]
 
 
 @pytest.mark.parametrize("case", list(cases_outside()), ids=lambda c: c[0])
@@ -47,6 +48,13 @@ def test_torch_runs_where_onednn_does_not_apply(case):
     _, x, w = case
     assert not gemm.applies(x, w)
     assert torch.equal(gemm.addmm(None, x, w), x @ w)
+
+
+def test_a_bias_that_needs_a_gradient_keeps_autograd():
+    x, w, b = torch.randn(70, 64), torch.randn(64, 80), torch.zeros(80, requires_grad=True)
+    assert gemm.applies(x, w) and not gemm.applies(x, w, b)
+    gemm.addmm(b, x, w).sum().backward()
+    assert torch.equal(b.grad, torch.full((80,), 70.0))
 
 
 def test_gradients_flow_through_the_fallback():
