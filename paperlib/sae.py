@@ -180,6 +180,13 @@ class SAEBank(nn.Module):
     def loss(self, x: Tensor, sparsity_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Training loss summed over seeds (differentiable), its parts per seed [S], and the codes.
         ``sparsity_scale`` multiplies the sparsity terms (``l1``, ``l0``) during their warm-up."""
+        total, parts, codes, _ = self.loss_and_reconstruction(x, sparsity_scale)
+        return total, parts, codes
+
+    def loss_and_reconstruction(self, x: Tensor, sparsity_scale: float = 1.0
+                                ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """``loss`` and the reconstructions [S, B, d] it was computed from (detached), so that an
+        evaluation does not decode the same codes a second time."""
         pre = self.pre_activations(x)
         codes = self.cfg.arch.encode(self, x, pre, training=True)
         recon = self.decode(codes)
@@ -190,7 +197,7 @@ class SAEBank(nn.Module):
             parts["aux"] = self.cfg.aux_coeff * self._aux_k_loss(x, pre, recon)
         if torch.is_grad_enabled():  # a training step, not an evaluation
             self.cfg.arch.observe(self, codes.detach())
-        return sum(parts.values()).sum(), {k: v.detach() for k, v in parts.items()}, codes.detach()
+        return sum(parts.values()).sum(), {k: v.detach() for k, v in parts.items()}, codes.detach(), recon.detach()
 
     def _aux_k_loss(self, x: Tensor, pre: Tensor, recon: Tensor) -> Tensor:
         """AuxK: the most active dead latents reconstruct the detached residual, normalised by the

@@ -133,11 +133,12 @@ def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.n
     sums: dict[str, Tensor] = {}
     for start in range(0, x.shape[0], chunk_size):
         chunk = x[start : start + chunk_size]
-        _, parts, codes = bank.loss(chunk)
+        _, parts, codes, recon = bank.loss_and_reconstruction(chunk)
         if bank.cfg.arch.inference_differs:  # e.g. BatchTopK: a threshold instead of the batch top-k
             codes = bank.encode(chunk)
+            recon = bank.decode(codes)
         parts = {f"loss_{k}": v * len(chunk) for k, v in parts.items()}
-        parts.update(sq_err=(bank.decode(codes) - chunk).square().sum((1, 2)), l1=codes.sum((1, 2)),
+        parts.update(sq_err=(recon - chunk).square().sum((1, 2)), l1=codes.sum((1, 2)),
                      l0=(codes > 0).sum((1, 2)))
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value

@@ -154,3 +154,17 @@ def test_options_an_architecture_does_not_use_are_refused():
         SAEConfig("matryoshka", d_model=4, n_latents=8, k=2, groups=(0.5, 0.6))
     with pytest.raises(ValueError, match="decoder must be 'free' or 'unit'"):
         SAEConfig("relu", d_model=4, n_latents=8, decoder="tied")
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_evaluation_reuses_the_loss_reconstruction_bitwise(architecture):
+    """evaluate() takes the reconstruction from the loss instead of decoding again: same numbers."""
+    from paperlib.train import evaluate
+
+    bank = make(architecture)
+    x = sample_uniform(ORGANISM).x[:500]
+    train(bank, x, TrainConfig(steps=3, lr=1e-3, batch_size=100, log_every=3), progress=False)
+    with torch.no_grad():
+        codes = bank.encode(x) if bank.cfg.arch.inference_differs else bank.loss(x)[2]
+        sq_err = (bank.decode(codes) - x).square().sum((1, 2))
+    assert torch.equal(torch.from_numpy(evaluate(bank, x)["mse"]), sq_err / x.shape[0] / x.shape[1])
