@@ -93,31 +93,33 @@ def fused_grads(
 
 
 def sparse_tail(
-    x: Tensor, b_dec: Tensor, W_dec: Tensor, idx: Tensor, val: Tensor, err_scale: float, l1_per_row: float,
-    d_W_dec: Tensor, d_W_enc_t: Tensor,
-) -> tuple[Tensor, Tensor, Tensor] | None:
+    x: Tensor, b_dec: Tensor, W_dec: Tensor, W_enc: Tensor, idx: Tensor, val: Tensor, err_scale: float,
+    l1_per_row: float, d_W_dec: Tensor, d_W_enc_t: Tensor, d_b_enc: Tensor,
+) -> tuple[Tensor, Tensor] | None:
     """One seed of ``sparse_topk``'s step after the top-k selection, fused (``fused_sparse.cpp``):
     adds into the gradients ``d_W_dec`` and ``d_W_enc_t`` (W_enc transposed), both [n, d], and
-    returns the scaled error gradient g [B, d], the active codes' gradients [B, k] and the squared
-    error. None, touching nothing, when it does not apply or cannot be compiled (the caller then
-    runs the torch version)."""
-    tensors = (x, b_dec, W_dec, val, d_W_dec, d_W_enc_t)
+    ``d_b_enc`` [n]; returns b_dec's complete gradient [d] and the loss sums [3] (squared error, L1,
+    L0), every sum in a fixed order, so the result does not depend on the thread count. None, touching nothing,
+    when it does not apply or cannot be compiled (the caller then runs the torch version)."""
+    tensors = (x, b_dec, W_dec, W_enc, val, d_W_dec, d_W_enc_t, d_b_enc)
     if (not enabled() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
-            or not (d_W_dec.is_contiguous() and d_W_enc_t.is_contiguous())):
+            or not all(t.is_contiguous() for t in (d_W_dec, d_W_enc_t, d_b_enc))):
         return None
     library = _library("fused_sparse")
     if library is None:
         return None
     (rows, d), (n, k) = x.shape, (W_dec.shape[0], idx.shape[1])
-    x, b_dec, W_dec, val = (t.detach().contiguous() for t in tensors[:4])
+    x, b_dec, W_dec, val = (t.detach().contiguous() for t in (x, b_dec, W_dec, val))
+    W_enc_t = W_enc.detach().T.contiguous()  # a bank's W_enc is stored latent-major: no copy
     idx = idx.to(torch.int64).contiguous()
     g, d_val, sq_err = torch.empty(rows, d), torch.empty(rows, k), torch.empty(rows)
+    d_b_dec, sums = torch.empty(d), torch.empty(3, dtype=torch.float64)
     library.sparse_tail(
-        _ptr(x), _ptr(b_dec), _ptr(W_dec), _ptr(idx), _ptr(val), ctypes.c_long(rows), d, k, ctypes.c_long(n),
-        ctypes.c_float(err_scale), ctypes.c_float(l1_per_row), _ptr(g), _ptr(d_val), _ptr(sq_err), _ptr(d_W_dec),
-        _ptr(d_W_enc_t), torch.get_num_threads(),
+        _ptr(x), _ptr(b_dec), _ptr(W_dec), _ptr(W_enc_t), _ptr(idx), _ptr(val), ctypes.c_long(rows), d, k,
+        ctypes.c_long(n), ctypes.c_float(err_scale), ctypes.c_float(l1_per_row), _ptr(g), _ptr(d_val), _ptr(sq_err),
+        _ptr(d_W_dec), _ptr(d_W_enc_t), _ptr(d_b_enc), _ptr(d_b_dec), _ptr(sums), torch.get_num_threads(),
     )
-    return g, d_val, sq_err.sum()
+    return d_b_dec, sums.float()
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:

@@ -61,16 +61,17 @@ def sparse_topk_loss_and_grads(
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0
-        tail = sparse_tail(x, bank.b_dec[s], W_dec, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t)
-        if tail is not None:  # on CPU: the same sums without the [chunk, k, d] temporaries (fused.py)
-            g, d_val, sq_err = tail
+        tail = sparse_tail(x, bank.b_dec[s], W_dec, W_enc, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t,
+                           grads[2][s])
+        if tail is not None:  # on CPU: the same sums in C++, each in a fixed order (fused.py)
+            grads[3][s], sums[:, s] = tail
         else:
             g, d_val, sq_err = _torch_tail(x, centred, bank.b_dec[s], W_dec, idx, val, active, scale,
                                            l1_coeff / n_rows, d_W_dec, d_W_enc_t, chunk_size)
+            grads[2][s].index_add_(0, idx.flatten(), d_val.flatten())
+            grads[3][s] = g.sum(0) - W_enc @ grads[2][s]
+            sums[:, s] = torch.stack([sq_err, val.sum(), active.sum().to(val.dtype)])
         grads[1][s] = d_W_enc_t.T
-        grads[2][s].index_add_(0, idx.flatten(), d_val.flatten())
-        grads[3][s] = g.sum(0) - W_enc @ grads[2][s]
-        sums[:, s] = torch.stack([sq_err, val.sum(), active.sum().to(val.dtype)])
         fired[s, idx[active]] = True
     return grads, sums, fired
 
