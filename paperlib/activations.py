@@ -34,6 +34,12 @@ Cache layout, ``<store root>/activations/<config_key("activations", config)>/``:
   shard (≈1-2 s per GB on one core); a mismatching shard is reported by index and row range and
   re-extracted alone.
 
+The manifest and the journal carry a ``sha256`` of their own content (canonical JSON of every other
+field), and every read checks their shape: an edited ``scale``, a manifest that is not JSON or not
+of the expected shape (``[]``, ``null``, a missing field) is reported with a warning and the entry
+re-extracted (a bad journal is ignored: the extraction starts over). A manifest written before
+the seal existed is accepted once if its ``scale`` agrees with its shards' recorded norms, and sealed.
+
 ``scale`` = 1 / sqrt(mean ‖x‖²) over the stored rows: ``x * scale`` has unit mean squared norm, the
 normalisation of Paper A's SAE training.
 """
@@ -237,11 +243,97 @@ def row_mask(tokens: np.ndarray, special: list[int], first_position: int) -> np.
 
 
 # ----------------------------------------------------------------------------------- cache internals
-def _read_json(file: Path) -> dict | None:
+def _read_json(file: Path) -> Any:
+    """The parsed JSON of ``file`` (any shape: callers validate it), or None if absent or not JSON."""
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _content_sha(record: dict) -> str:
+    """sha256 of ``record``'s canonical JSON, without its own ``sha256`` field."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _seal(record: dict) -> dict:
+    """``record`` (as JSON will read it back) with the hash of its content, so an edit is detected."""
+    record = json.loads(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
+    return {**record, "sha256": _content_sha(record)}
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _shape_problem(record: Any, complete: bool) -> str | None:
+    """Why a journal (``complete=False``) or manifest read from disk does not have the shape this
+    module writes, or None. Checked before any field is used, so junk never becomes an AttributeError."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    if record.get("format") != _FORMAT:
+        return f"was written by another cache format ({record.get('format')!r}, this is {_FORMAT})"
+    plan, done = record.get("plan"), record.get("done")
+    if not isinstance(plan, dict) or not isinstance(done, dict):
+        return "has no 'plan' and 'done' objects"
+    ints = ("n_contexts", "context_length", "first_position", "d_model", "n_rows")
+    if not all(_is_int(plan.get(k)) for k in ints) or plan.get("dtype") not in _DTYPES \
+            or not isinstance(plan.get("tokens_sha256"), str) or not isinstance(plan.get("shards"), list):
+        return f"has a malformed 'plan' (needs integers {', '.join(ints)}, dtype, tokens_sha256 and shards)"
+    if not all(isinstance(sh, list) and len(sh) == 4 and all(_is_int(v) for v in sh) for sh in plan["shards"]):
+        return "has a malformed 'plan.shards' (needs [context start, stop, row start, stop] per shard)"
+    for key, value in done.items():
+        if not (key.isdigit() and int(key) < len(plan["shards"]) and isinstance(value, dict)
+                and isinstance(value.get("sha256"), str) and _is_number(value.get("sumsq"))):
+            return f"has a malformed 'done' record for shard {key!r} (needs sha256 and sumsq)"
+    if not complete:
+        return None
+    if not (_is_number(record.get("scale")) and record["scale"] > 0):
+        return f"has no positive finite 'scale' (got {record.get('scale')!r})"
+    meta = record.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("special_ids"), list) \
+            or not all(_is_int(v) for v in meta["special_ids"]):
+        return "has a malformed 'meta' (needs special_ids)"
+    return None
+
+
+def _scale_from_shards(manifest: dict) -> float:
+    """The normalisation factor as ``_extract`` computes it from the shards' recorded squared norms."""
+    mean_sq = sum(v["sumsq"] for v in manifest["done"].values()) / manifest["plan"]["n_rows"]
+    return float(mean_sq ** -0.5)
+
+
+def _seal_problem(path: Path, manifest: dict) -> str | None:
+    """Why the manifest's content does not match its own hash, or None. An unsealed manifest (written
+    before the seal existed) is sealed in place when its scale agrees with its shards' norms."""
+    if "sha256" in manifest:
+        if manifest["sha256"] != _content_sha(manifest):
+            return "does not match its own hash (it was edited or damaged)"
+        return None
+    if len(manifest["done"]) != len(manifest["plan"]["shards"]) or manifest["scale"] != _scale_from_shards(manifest):
+        return "has no hash of its own and its scale does not agree with its shards' recorded norms"
+    write_text(path / _MANIFEST, json.dumps(_seal(manifest), indent=1))
+    manifest["sha256"] = _content_sha(manifest)
+    return None
+
+
+def _read_journal(path: Path) -> dict:
+    """The extraction journal if it is intact, else ``{}`` (with a warning when one was there)."""
+    journal = _read_json(path / _PROGRESS)
+    if journal is None:
+        return {}
+    problem = _shape_problem(journal, complete=False)
+    if problem is None and journal.get("sha256") != _content_sha(journal):
+        problem = "does not match its own hash (it was edited, damaged or written by an older paperlib)"
+    if problem:
+        warnings.warn(f"activation cache {path}: {_PROGRESS} {problem}; ignoring it and extracting every shard")
+        return {}
+    return journal
 
 
 def _tokens_sha(tokens: np.ndarray) -> str:
@@ -263,10 +355,9 @@ def _region_sha(file: Path, start: int, stop: int) -> str:
 
 
 def _problems(path: Path, manifest: dict, hashes: bool, shards: list[int] | None = None) -> dict:
-    """``{"all": why}`` if the entry is unusable as a whole, else ``{shard: why}`` for bad shards."""
-    plan = manifest.get("plan", {})
-    if manifest.get("format") != _FORMAT or "shards" not in plan:
-        return {"all": f"written by another cache format ({manifest.get('format')}, this is {_FORMAT})"}
+    """``{"all": why}`` if the entry is unusable as a whole, else ``{shard: why}`` for bad shards.
+    ``manifest`` has passed ``_shape_problem``."""
+    plan = manifest["plan"]
     try:
         if _tokens_sha(np.load(path / _TOKENS)) != plan["tokens_sha256"]:
             return {"all": f"{_TOKENS} does not match its hash"}
@@ -296,7 +387,7 @@ def _demote(path: Path, manifest: dict, problems: dict) -> None:
     for i, why in problems.items():
         warnings.warn(f"activation cache {path}: shard {i} {why}; re-extracting that shard")
     done = {k: v for k, v in manifest["done"].items() if int(k) not in problems}
-    write_text(path / _PROGRESS, json.dumps({"format": _FORMAT, "plan": manifest["plan"], "done": done}))
+    write_text(path / _PROGRESS, json.dumps(_seal({"format": _FORMAT, "plan": manifest["plan"], "done": done})))
     (path / _MANIFEST).unlink(missing_ok=True)
 
 
@@ -318,8 +409,14 @@ def _locked(file: Path) -> Iterator[None]:
 
 def _ready(path: Path, verify: bool) -> dict | None:
     """The manifest of a complete, verified entry; a damaged one is demoted (see ``_demote``)."""
+    if not (path / _MANIFEST).exists():
+        return None
     manifest = _read_json(path / _MANIFEST)
-    if manifest is None:
+    problem = "is not readable JSON" if manifest is None else _shape_problem(manifest, complete=True)
+    if problem is None:
+        problem = _seal_problem(path, manifest)
+    if problem is not None:
+        _demote(path, manifest, {"all": f"{_MANIFEST} {problem}"})
         return None
     problems = _problems(path, manifest, hashes=verify)
     if not problems:
@@ -343,11 +440,11 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
                         int(bounds[min(c0 + cfg.shard_contexts, len(tokens))])] for c0 in starts]}
     if plan["n_rows"] == 0:
         raise ValueError(f"corpus {cfg.corpus!r} gave only special tokens; nothing to extract")
-    journal = _read_json(path / _PROGRESS) or {}
+    journal = _read_journal(path)
     row_bytes = d_model * 2
     done: dict = {}
-    if journal.get("plan") == plan and journal.get("format") == _FORMAT:
-        bad = _problems(path, {**journal, "format": _FORMAT}, hashes=True, shards=[int(k) for k in journal["done"]])
+    if journal.get("plan") == plan:
+        bad = _problems(path, journal, hashes=True, shards=[int(k) for k in journal["done"]])
         if "all" not in bad:
             done = {k: v for k, v in journal["done"].items() if int(k) not in bad}
     if not done:  # fresh start: tokens, an empty x.bin of the final size, an empty journal
@@ -360,7 +457,7 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
             with tmp.open("wb") as fh:
                 fh.truncate(plan["n_rows"] * row_bytes)
     journal = {"format": _FORMAT, "plan": plan, "done": done}
-    write_text(path / _PROGRESS, json.dumps(journal))
+    write_text(path / _PROGRESS, json.dumps(_seal(journal)))
 
     todo = [i for i in range(len(plan["shards"])) if str(i) not in done]
     finished = sum(plan["shards"][i][1] - plan["shards"][i][0] for i in range(len(plan["shards"])) if str(i) in done)
@@ -394,7 +491,7 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
             fh.flush()
             os.fsync(fh.fileno())
             done[str(i)] = {"sha256": digest.hexdigest(), "sumsq": sumsq}
-            write_text(path / _PROGRESS, json.dumps(journal))
+            write_text(path / _PROGRESS, json.dumps(_seal(journal)))
     seconds = time.perf_counter() - t0
     mean_sq = sum(v["sumsq"] for v in done.values()) / plan["n_rows"]
     sep = separator_id(tokenizer)
@@ -407,8 +504,8 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
                            "tokens_per_s": extracted / seconds if seconds > 0 else None}}
     if cfg.model == PACKAGED:
         meta["model_note"] = "SmolLM2-135M-Instruct, 4-bit GGUF (Q4_1) dequantised to float32"
-    manifest = {"format": _FORMAT, "config": jsonable(cfg), "plan": plan, "done": done,
-                "scale": float(mean_sq ** -0.5), "meta": meta}
+    manifest = _seal({"format": _FORMAT, "config": jsonable(cfg), "plan": plan, "done": done,
+                      "scale": float(mean_sq ** -0.5), "meta": meta})
     write_text(path / _MANIFEST, json.dumps(manifest, indent=1))
     (path / _PROGRESS).unlink(missing_ok=True)
     return manifest

@@ -9,14 +9,18 @@ matching of size m = min(n_A, n_B), solved exactly as a linear assignment proble
   Every result says which one it used.
 * A zero-norm row (a latent that never learned a direction) has cosine 0 with everything: it
   still takes part in the matching, so dead latents lower MCC rather than being silently dropped.
-  To leave dead latents out instead, pass ``alive_a`` / ``alive_b`` masks (e.g. activation
-  frequency > 0); m is then the smaller number of live latents.
+  This holds at every size (the sparse solver gets the live rows plus one zero-weight stand-in per
+  zero row the other side could use, see ``_match_with_zero_rows``). To leave dead latents out
+  instead, pass ``alive_a`` / ``alive_b`` masks (e.g. activation frequency > 0); m is then the
+  smaller number of live latents.
 * Matchings are exact at every size: dense (scipy) for small dictionaries, and above that the
   certified sparse solver of ``paperlib.matching`` (candidate graph + LP-dual optimality proof
   over all n_A·n_B pairs, never a dense n×n matrix): 16k latents in seconds, 65k in under a
   minute on 2 CPU cores. Every result carries ``certified``.
 * Baselines: ``chance_mcc`` (independent random Gaussian dictionaries of the same shapes, ≈0.46
-  signed at d=16, n=32) and ``untrained_pw_mcc`` (freshly initialised SAEs of a configuration).
+  signed at d=16, n=32), ``chance_pw_mcc`` (the chance level of PW-MCC over runs of several widths:
+  the mean over pairs of each pair's chance, whatever order the runs come in) and
+  ``untrained_pw_mcc`` (freshly initialised SAEs of a configuration).
 * ``bootstrap_interval`` resamples latents; ``frequency_decomposition`` splits an MCC into
   activation-frequency bins whose contributions sum to it; ``shared_latents`` is Paulo & Belrose's
   alternative definition (encoder and decoder matchings agree and both cosines >= 0.7).
@@ -32,6 +36,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from paperlib.matching import match as sparse_match
+from paperlib.runtime import resolve_device
 
 
 def as_dictionary(D, name: str = "dictionary") -> np.ndarray:
@@ -62,7 +67,7 @@ class MatchResult:
     certified: bool = True
 
 # Up to this many latents (either side) the dense float64 solver is used; above it the sparse
-# certified one. Dictionaries with zero-norm rows above it need ``alive`` masks.
+# certified one. Both score zero-norm rows as cosine 0 (module docstring).
 DENSE_LIMIT = 2048
 
 
@@ -80,6 +85,7 @@ def _live(mask, n: int, name: str) -> np.ndarray:
 def match(A, B, signed: bool = True, alive_a=None, alive_b=None, device: str | None = None) -> MatchResult:
     """Exact maximum-similarity one-to-one matching of the (live) rows of A and B. ``device``
     runs the sparse solver's similarity scans (e.g. "cuda"); the result does not depend on it."""
+    device = _device(device)
     a, b = as_dictionary(A, "first dictionary"), as_dictionary(B, "second dictionary")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
@@ -89,13 +95,7 @@ def match(A, B, signed: bool = True, alive_a=None, alive_b=None, device: str | N
     keep_a, keep_b = _live(alive_a, len(a), "alive_a"), _live(alive_b, len(b), "alive_b")
     a, b = a[keep_a], b[keep_b]
     if max(len(a), len(b)) > DENSE_LIMIT:
-        dead = [f"{n} zero-norm rows in the {side} dictionary" for n, side in
-                ((int((~a.any(1)).sum()), "first"), (int((~b.any(1)).sum()), "second")) if n]
-        if dead:
-            raise ValueError(f"{' and '.join(dead)}: above {DENSE_LIMIT} latents pass alive_a/alive_b "
-                             "(e.g. activation frequency > 0) to leave dead latents out")
-        result = sparse_match(a, b, signed=signed, device=device, dense_limit=DENSE_LIMIT)
-        rows, cols, similarity, certified = result.rows, result.cols, result.weights, result.certified
+        rows, cols, similarity, certified = _match_with_zero_rows(a, b, signed, device)
     else:
         sim = a @ b.T
         if not signed:
@@ -103,6 +103,68 @@ def match(A, B, signed: bool = True, alive_a=None, alive_b=None, device: str | N
         rows, cols = linear_sum_assignment(sim, maximize=True)
         similarity, certified = sim[rows, cols], True
     return MatchResult(float(similarity.mean()), similarity, keep_a[rows], keep_b[cols], signed, certified)
+
+
+def _device(device) -> str | None:
+    """A device this machine has (refused up front otherwise, even where a small problem would not use it)."""
+    return None if device is None else str(resolve_device(device))
+
+
+def _match_with_zero_rows(a: np.ndarray, b: np.ndarray, signed: bool, device: str | None):
+    """The sparse solver on unit rows with zero rows scored as cosine 0, as the dense path does.
+
+    Call ``s`` the smaller side (all its rows are matched) and ``t`` the other. Zero rows only ever
+    score 0, so the solver sees the live rows alone: a live row of ``s`` goes to a live row of ``t``
+    (its cosine) or to a zero row of ``t`` (0); zero rows of ``s`` take leftover rows of ``t``. With
+    |cos| (never negative) some optimum matches as many live rows as possible: the rectangular live
+    problem. With signed cosines a zero row of ``t`` is worth taking instead of a negative pair, so
+    it enters as a stand-in column orthogonal to everything (an extra coordinate), on the side with
+    fewer live rows, where no stand-in is forced (the solver certifies forced all-tie columns poorly).
+    Returns (rows of a, cols of b, similarity, certified)."""
+    swap = len(a) > len(b)
+    s, t = (b, a) if swap else (a, b)
+    live_s, zero_s = np.flatnonzero(s.any(1)), np.flatnonzero(~s.any(1))
+    live_t, zero_t = np.flatnonzero(t.any(1)), np.flatnonzero(~t.any(1))
+    if not zero_s.size and not zero_t.size:
+        result = sparse_match(a, b, signed=signed, device=device, dense_limit=DENSE_LIMIT)
+        return result.rows, result.cols, result.weights, result.certified
+    p, q = live_s.size, live_t.size
+    pairs_s, pairs_t, pair_w, certified = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), True
+    if p and q:
+        if not signed or not zero_t.size:
+            stand_ins, rows_are_s = 0, True
+        elif p <= q:  # each live s row may instead take one of the zero rows of t
+            stand_ins, rows_are_s = min(zero_t.size, p), True
+        else:  # each live t row may stay unmatched, as long as the live s rows left over fit on zero rows of t
+            stand_ins, rows_are_s = min(q, q + zero_t.size - p), False
+        own, other = (s[live_s], t[live_t]) if rows_are_s else (t[live_t], s[live_s])
+        result = sparse_match(*_with_stand_ins(own, other, stand_ins), signed=signed, device=device,
+                              dense_limit=DENSE_LIMIT)
+        real = result.cols < len(other)
+        r, c, certified = result.rows[real], result.cols[real], result.certified
+        pairs_s, pairs_t = (live_s[r], live_t[c]) if rows_are_s else (live_s[c], live_t[r])
+        pair_w = result.weights[real]
+    matched_s = np.zeros(len(s), bool)
+    matched_s[pairs_s] = True
+    used_t = np.zeros(len(t), bool)
+    used_t[pairs_t] = True
+    rest_s = np.concatenate([np.setdiff1d(live_s, pairs_s), zero_s])  # live ones first: onto zero rows of t
+    free_t = np.concatenate([np.setdiff1d(zero_t, pairs_t), np.flatnonzero(~used_t & t.any(1))])
+    rows_s = np.concatenate([pairs_s, rest_s])
+    rows_t = np.concatenate([pairs_t, free_t[: rest_s.size]])
+    weight = np.concatenate([pair_w, np.zeros(rest_s.size)])
+    rows, cols = (rows_t, rows_s) if swap else (rows_s, rows_t)
+    order = np.argsort(rows)
+    return rows[order], cols[order], weight[order], certified
+
+
+def _with_stand_ins(own: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``own`` and ``other`` plus ``k`` rows appended to ``other`` with cosine 0 to every row of ``own``."""
+    if not k:
+        return own, other
+    d = own.shape[1]
+    return (np.hstack([own, np.zeros((len(own), 1))]),
+            np.vstack([np.hstack([other, np.zeros((len(other), 1))]), np.tile(np.eye(1, d + 1, d), (k, 1))]))
 
 
 def mcc(A, B, signed: bool = True) -> float:
@@ -132,6 +194,7 @@ def pw_mcc(dictionaries, signed: bool = True, device: str | None = None) -> Pair
     runs = _as_runs(dictionaries)
     if len(runs) < 2:
         raise ValueError(f"PW-MCC needs at least two runs, got {len(runs)}; train more seeds")
+    device = _device(device)
     index = list(combinations(range(len(runs)), 2))
     matches = [match(runs[i], runs[j], signed, device=device) for i, j in index]
     values = np.array([m.mcc for m in matches])
@@ -230,12 +293,50 @@ def chance_mcc(
     """The MCC two unrelated dictionaries of shapes [n_a, d] and [n_b, d] reach by chance."""
     if min(n_a, n_b, d, n_samples) < 1:
         raise ValueError(f"chance_mcc needs positive sizes, got n_a={n_a}, n_b={n_b}, d={d}, n_samples={n_samples}")
+    device = _device(device)
     rng = np.random.default_rng(seed)
     values = np.array([
         match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device).mcc
         for _ in range(n_samples)
     ])
     return Chance(float(values.mean()), float(values.std()), n_samples, signed)
+
+
+@dataclass(frozen=True)
+class PairwiseChance:
+    """The chance level of a PW-MCC: ``mean`` over the pairs of runs of each pair's chance level,
+    ``std`` that of the mixture (a random pair's chance MCC), and per width pair ``(n_a <= n_b)``
+    its ``Chance`` and how many of the run pairs have those widths."""
+
+    mean: float
+    std: float
+    n_samples: int
+    signed: bool
+    by_widths: dict[tuple[int, int], Chance]
+    pairs: dict[tuple[int, int], int]
+
+
+def chance_pw_mcc(
+    n_latents, d: int, n_samples: int = 100, seed: int = 0, signed: bool = True, device: str | None = None
+) -> PairwiseChance:
+    """Chance level of PW-MCC over runs of widths ``n_latents`` (one per run): each pair's chance
+    depends on both of its widths, so it is computed per distinct width pair (smaller first, same
+    seed) and averaged over all pairs: the same whatever order the runs come in."""
+    widths = [int(n) for n in n_latents]
+    if len(widths) < 2:
+        raise ValueError(f"chance_pw_mcc needs the widths of at least two runs, got {widths}")
+    pairs: dict[tuple[int, int], int] = {}
+    for i, j in combinations(range(len(widths)), 2):
+        key = (min(widths[i], widths[j]), max(widths[i], widths[j]))
+        pairs[key] = pairs.get(key, 0) + 1
+    pairs = dict(sorted(pairs.items()))
+    by = {key: chance_mcc(*key, d, n_samples, seed, signed, device) for key in pairs}
+    weight = np.array(list(pairs.values()), dtype=np.float64) / sum(pairs.values())
+    means = np.array([c.mean for c in by.values()])
+    stds = np.array([c.std for c in by.values()])
+    mean = float(weight @ means)
+    std = float(np.sqrt(weight @ (stds ** 2 + (means - mean) ** 2))) if len(by) > 1 else float(stds[0])
+    return PairwiseChance(mean, std, n_samples, signed, by, pairs)
 
 
 def untrained_pw_mcc(cfg, n_seeds: int = 3, signed: bool = True) -> PairwiseMCC:

@@ -46,7 +46,8 @@ _ACCEPTED = (
 )
 # SAELens names where SAELens has the architecture; ours otherwise (read back by our own loader).
 _SAELENS_ARCH = {"relu": "standard", "relu_dnorm": "standard", "topk": "topk", "batchtopk": "batchtopk",
-                 "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "matryoshka_batchtopk"}
+                 "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "matryoshka_batchtopk",
+                 "panneal": "standard"}  # P-anneal's codes are ReLU's; only its training loss differs
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 

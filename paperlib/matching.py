@@ -51,7 +51,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import _sparse_lap as _lap
-from .runtime import cpu_has_native_bf16
+from .runtime import cpu_has_native_bf16, resolve_device
 
 __all__ = ["Matching", "match"]
 
@@ -409,6 +409,8 @@ def match(a, b, *, signed: bool = True, device: str | None = None, top_c: int = 
     sparse method of the module docstring. ``device`` is where the scan matmuls run.
     """
     t0 = time.perf_counter()
+    # checked even where the dense path ignores it, so a device this machine lacks is never accepted silently
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
     x, y = _unit(a, "a"), _unit(b, "b")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"dimension mismatch: a has d={x.shape[1]}, b has d={y.shape[1]}")
@@ -417,7 +419,6 @@ def match(a, b, *, signed: bool = True, device: str | None = None, top_c: int = 
     swap = x.shape[0] > y.shape[0]
     if swap:
         x, y = y, x
-    dev = torch.device(device) if device is not None else torch.device("cpu")
     prec = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # the error bound assumes true fp32
     try:

@@ -28,9 +28,47 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def check_profile(profile: str) -> str:
+    """The profile, validated. Every notebook calls this first, so it also refuses parameters that
+    papermill injected but the notebook does not declare (a misspelled ``-p stepz 5`` would
+    otherwise run to the end on the defaults: papermill itself only logs a warning)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    refuse_unknown_parameters()
     return profile
+
+
+INJECTED = "# Parameters\n"  # how papermill's injected-parameters cell begins
+
+
+def refuse_unknown_parameters(history: list[str] | None = None) -> None:
+    """Under papermill, raise if the injected-parameters cell sets a name that the notebook's own
+    parameters cell (the cell executed just before it) does not. ``history``: the executed cells'
+    sources (default: IPython's ``In``); outside IPython, or without an injected cell, nothing to do."""
+    if history is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return
+        shell = get_ipython()
+        history = list(shell.user_ns.get("In", [])) if shell is not None else []
+    injected = [i for i, source in enumerate(history) if source.startswith(INJECTED)]
+    if not injected or injected[-1] == 0:
+        return
+    declared, given = (_assigned(history[i]) for i in (injected[-1] - 1, injected[-1]))
+    unknown = sorted(given - declared)
+    if unknown:
+        raise ValueError(f"unknown notebook parameter(s) {', '.join(unknown)}: this notebook takes "
+                         f"{', '.join(sorted(declared))}; check the spelling of the -p / -f values given to papermill")
+
+
+def _assigned(source: str) -> set[str]:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
 
 
 def figures_dir(profile: str) -> Path:

@@ -1,6 +1,10 @@
 """Where tensors live, in what precision the matmuls run, and whether hot loops are compiled.
 
 ``device()`` is CUDA when present, else CPU, overridable with ``PAPERLIB_DEVICE``.
+``resolve_device(requested)`` is the one check every entry point (CLI, training, matching) applies
+to a device it is given: ``None``/``"auto"`` mean ``device()``; a device this machine does not have
+(``"cuda"`` without a GPU, ``"cuda:3"`` on a two-GPU machine) is refused up front with the fix,
+instead of a bare torch assertion deep inside a run or being silently ignored.
 ``matmul_precision(precision, device)`` is the autocast context of a training step: ``"bf16"``
 runs matmuls with bfloat16 inputs (fp32 accumulation; weights, optimizer state, losses and
 elementwise maths stay fp32), ``"fp32"`` runs everything in fp32, ``"auto"`` is bf16 on CUDA and
@@ -30,17 +34,45 @@ F = TypeVar("F", bound=Callable)
 def device() -> torch.device:
     """The device paperlib computes on: ``PAPERLIB_DEVICE`` if set, else CUDA if present, else CPU."""
     requested = os.environ.get("PAPERLIB_DEVICE", "").strip()
-    if requested:
-        try:
-            dev = torch.device(requested)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"PAPERLIB_DEVICE={requested!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'"
-            ) from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"PAPERLIB_DEVICE={requested!r} but CUDA is not available; unset it or use 'cpu'")
-        return dev
+    if requested and requested != "auto":
+        return resolve_device(requested, "PAPERLIB_DEVICE", "unset it or set it to 'cpu' or 'auto'")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(requested: str | torch.device | None, what: str = "device",
+                   fix: str = "use device='cpu' or device='auto' (the best device this machine has)") -> torch.device:
+    """``requested`` as a torch device that exists on this machine; ``None`` or ``"auto"``: ``device()``.
+
+    ``what`` names the input in the message (a parameter, a flag, an environment variable) and
+    ``fix`` says how to change it there; the check is cheap and loads no CUDA context."""
+    if requested is None or (isinstance(requested, str) and requested.strip().lower() == "auto"):
+        return device()
+    if not isinstance(requested, (str, torch.device)):
+        raise ValueError(f"{_named(what, requested)} is not a device name; {fix}")
+    try:
+        dev = torch.device(requested.strip() if isinstance(requested, str) else requested)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"{_named(what, requested)} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'); {fix}") from exc
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+    if dev.type == "mps":
+        available = torch.backends.mps.is_available()
+    if not available:
+        raise ValueError(f"{_named(what, requested)}: {dev.type} is not available on this machine; {fix}")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"{_named(what, requested)}: this machine has {count()} {dev.type} device(s) "
+                         f"(0..{count() - 1}); {fix}")
+    return dev
+
+
+def _named(what: str, value) -> str:
+    """How the message shows the input: ``--device cuda`` for a flag, ``device='cuda'`` otherwise."""
+    value = str(value) if isinstance(value, torch.device) else value
+    return f"{what} {value}" if what.startswith("--") else f"{what}={value!r}"
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -49,7 +49,7 @@ class SAEConfig:
     d_model: int
     n_latents: int
     k: int | None = None  # topk, batchtopk, matryoshka: active latents per sample (on average)
-    l1_coeff: float = 0.0  # relu, relu_dnorm, gated; optional for the topk family
+    l1_coeff: float = 0.0  # relu, relu_dnorm, gated, panneal; optional for the topk family
     n_seeds: int = 1
     seed: int = 0
     init_scale: float = 1.0
@@ -63,6 +63,12 @@ class SAEConfig:
     aux_k: int | None = None  # topk family: dead latents used by AuxK (default d_model // 2)
     dead_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead
     groups: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4)  # matryoshka: group fractions before "rest"
+    # panneal (defaults: paper A's dictionary_learning sweep, see architectures.py)
+    p_start: float = 1.0  # exponent until the anneal starts
+    p_end: float = 0.2  # exponent annealed towards (the last step of p, onto p_end itself, never comes)
+    anneal_start: float = 0.04  # fraction of training at which annealing starts
+    p_updates: int = 10  # schedule points from anneal_start to the end of training
+    p_window: int = 10  # steps averaged to rescale the coefficient when p changes
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -71,11 +77,21 @@ class SAEConfig:
             )
         for name in ("d_model", "n_latents", "n_seeds", "dead_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is an int in Python
                 raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
+        from numbers import Real  # a string compares with nothing, so numbers are type-checked first
+
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"SAEConfig.seed must be an integer, got {self.seed!r}")
+        if self.aux_k is not None and (isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 1):
+            raise ValueError(f"SAEConfig.aux_k must be a positive integer or None (d_model // 2), got {self.aux_k!r}")
+        for name in ("l1_coeff", "l0_coeff", "aux_coeff", "init_scale", "bandwidth", "init_threshold", "target_l0"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
+                raise ValueError(f"SAEConfig.{name} must be a finite number, got {value!r}")
         arch = self.arch
         if arch.needs_k:
-            if not isinstance(self.k, int) or not 1 <= self.k <= self.n_latents:
+            if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.n_latents:
                 raise ValueError(
                     f"{self.architecture} SAE needs 1 <= k <= n_latents={self.n_latents}, got k={self.k!r}"
                 )
@@ -95,8 +111,24 @@ class SAEConfig:
             raise ValueError(f"{self.architecture} SAE has no AuxK loss; leave aux_coeff=0")
         if self.target_l0 is not None and not self.target_l0 > 0:
             raise ValueError(f"SAEConfig.target_l0 must be > 0 or None, got {self.target_l0!r}")
-        if not self.groups or any(not 0 < g < 1 for g in self.groups) or sum(self.groups) >= 1:
+        if not self.groups or any(isinstance(g, bool) or not isinstance(g, Real) or not 0 < g < 1 for g in self.groups) \
+                or sum(self.groups) >= 1:
             raise ValueError(f"SAEConfig.groups must be fractions in (0, 1) summing below 1, got {self.groups!r}")
+        for name in ("p_start", "p_end", "anneal_start"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"SAEConfig.{name} must be a number, got {value!r}")
+        if not (0 < self.p_start <= 1 and 0 <= self.p_end <= self.p_start):
+            raise ValueError(
+                f"SAEConfig needs 0 <= p_end <= p_start <= 1 and p_start > 0 (P-anneal's exponents), "
+                f"got p_start={self.p_start!r}, p_end={self.p_end!r}"
+            )
+        if not 0 <= self.anneal_start < 1:
+            raise ValueError(f"SAEConfig.anneal_start must be a fraction of training in [0, 1), got {self.anneal_start!r}")
+        for name, least in (("p_updates", 2), ("p_window", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SAEConfig.{name} must be an integer >= {least}, got {value!r}")
 
     @property
     def arch(self) -> type[Architecture]:
@@ -125,6 +157,8 @@ class SAEBank(nn.Module):
         # inference threshold (NaN until training sets it).
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.n_seeds, cfg.n_latents))
         self.register_buffer("threshold", torch.full((cfg.n_seeds,), math.nan))
+        for name, value in cfg.arch.extra_buffers(self).items():
+            self.register_buffer(name, value)
 
     @staticmethod
     def _initial_decoder(cfg: SAEConfig, seed: int) -> Tensor:
@@ -143,6 +177,14 @@ class SAEBank(nn.Module):
         single = SAEBank(replace(self.cfg, n_seeds=1, seed=self.cfg.seed + i))
         single.load_state_dict({name: value[i : i + 1] for name, value in self.state_dict().items()})
         return single.to(self.W_dec.device)
+
+    def closed_form_now(self) -> bool:
+        """Whether ``loss_and_grads`` gives this step's exact gradients: for closed-form architectures
+        without AuxK always; with AuxK while no latent is dead, since AuxK's loss and gradient are then
+        exactly zero (the LLM notebooks' runs never reach ``dead_tokens``)."""
+        if not self.cfg.arch.closed_form:
+            return False
+        return not self.cfg.aux_coeff or not bool((self.tokens_since_fired >= self.cfg.dead_tokens).any())
 
     def decoder_directions(self) -> Tensor:
         """Decoder rows [S, n, d] (not normalised): the dictionaries compared by MCC."""
@@ -179,7 +221,7 @@ class SAEBank(nn.Module):
 
     def loss(self, x: Tensor, sparsity_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Training loss summed over seeds (differentiable), its parts per seed [S], and the codes.
-        ``sparsity_scale`` multiplies the sparsity terms (``l1``, ``l0``) during their warm-up."""
+        ``sparsity_scale`` multiplies the sparsity terms (``l1``, ``l0``, ``lp``) during their warm-up."""
         total, parts, codes, _ = self.loss_and_reconstruction(x, sparsity_scale)
         return total, parts, codes
 
@@ -192,7 +234,7 @@ class SAEBank(nn.Module):
         recon = self.decode(codes)
         parts = {"recon": self.reconstruction_loss(x, recon)}
         for name, term in self.cfg.arch.penalties(self, x, pre, codes).items():
-            parts[name] = term * sparsity_scale if name in ("l1", "l0") else term
+            parts[name] = term * sparsity_scale if name in ("l1", "l0", "lp") else term
         if self.cfg.aux_coeff:
             parts["aux"] = self.cfg.aux_coeff * self._aux_k_loss(x, pre, recon)
         if torch.is_grad_enabled():  # a training step, not an evaluation
@@ -230,8 +272,9 @@ class SAEBank(nn.Module):
 
         Returns ({parameter name: gradient}, {"sq_err", "l1", "l0"} each [S], and "fired" [S, n]).
         """
-        if not self.cfg.closed_form:
-            raise ValueError(f"{self.cfg.architecture} (aux_coeff={self.cfg.aux_coeff}) has no closed-form gradient; use loss()")
+        if not self.closed_form_now():
+            why = "while latents are dead (AuxK)" if self.cfg.arch.closed_form else "at all"
+            raise ValueError(f"{self.cfg.architecture} SAEs have no closed-form gradient {why}; use loss()")
         self._check_input(x)
         l1 = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
         dims = x.shape[1] if self.cfg.reconstruction == "mean" else 1

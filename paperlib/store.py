@@ -7,7 +7,10 @@ whenever a change in paperlib changes what an existing configuration computes.
 
 Entries are assembled in a temporary directory and renamed into place, so an interrupted write
 leaves nothing behind under the key. Every load verifies the manifest; a corrupt or partial
-entry is reported with a warning, deleted and recomputed, never used.
+entry (a file that does not match its hash, a manifest that is unreadable or not of the shape
+``{"files": {name: sha256}, ...}``) is reported with a warning, deleted and recomputed, never used.
+Temporaries that a killed writer left behind are removed when a ``Store`` is first opened on a
+root in a process, once they are an hour old (``paperlib.atomic.remove_stale_temporaries``).
 
 The root is ``PAPERLIB_CACHE`` if set, else ``data/cache`` of the checkout paperlib runs from,
 else ``~/.cache/paperlib``.
@@ -20,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from paperlib.atomic import remove_stale_temporaries, temporary_dir
 
 CACHE_VERSION = 1
 _TENSORS, _META, _MANIFEST = "tensors.safetensors", "meta.json", "manifest.json"
@@ -88,8 +92,17 @@ class Entry:
 class Store:
     """A cache rooted at ``root`` (see the module docstring for the layout and guarantees)."""
 
+    _cleaned: set[Path] = set()  # roots whose stale temporaries this process has removed already
+
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
+        if self.root not in Store._cleaned:
+            Store._cleaned.add(self.root)
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self, max_age_s: float | None = None) -> list[Path]:
+        """Delete what interrupted writes left under the root (see ``paperlib.atomic``); returns it."""
+        return remove_stale_temporaries(self.root, *(() if max_age_s is None else (max_age_s,)))
 
     def path(self, namespace: str, config: Any) -> Path:
         if not namespace or "/" in namespace or namespace.startswith("."):
@@ -105,6 +118,8 @@ class Store:
         if problem is None:
             try:
                 meta = json.loads((path / _META).read_text())
+                if not isinstance(meta, dict) or not isinstance(meta.get("meta"), dict):
+                    raise ValueError(f"{_META} is not of the form {{\"meta\": {{...}}}}")
                 return Entry(load_file(path / _TENSORS), meta["meta"], path)
             except Exception as exc:  # hashes matched but content unreadable: treat as corrupt
                 problem = f"unreadable ({exc})"
@@ -118,14 +133,17 @@ class Store:
             manifest = json.loads((path / _MANIFEST).read_text())
         except (OSError, ValueError) as exc:
             return f"no readable manifest ({exc})"
-        for name, expected in manifest.get("files", {}).items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            return f"{_MANIFEST} is not of the form {{\"files\": {{name: sha256}}}} (got {str(manifest)[:80]})"
+        if set(files) != {_TENSORS, _META}:
+            return "manifest lists the wrong files"
+        for name, expected in files.items():
             file = path / name
             if not file.exists():
                 return f"{name} is missing"
             if file_sha256(file) != expected:
                 return f"{name} does not match its hash"
-        if set(manifest.get("files", {})) != {_TENSORS, _META}:
-            return "manifest lists the wrong files"
         return None
 
     def save(self, namespace: str, config: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None) -> Entry:
@@ -134,7 +152,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         meta = dict(meta or {})
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = temporary_dir(path.parent, path.name)
         try:
             save_file(tensors, tmp / _TENSORS)
             (tmp / _META).write_text(json.dumps({"config": jsonable(config), "meta": meta}, indent=1, sort_keys=True))

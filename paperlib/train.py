@@ -21,15 +21,28 @@ geometric median; after training the scale is folded back into the weights, so t
 raw activations. Every ``log_every`` steps (and at the first and last) the bank is evaluated and
 each callback called; at ``checkpoint_fractions`` of training the decoders are snapshotted
 (``History.checkpoints``) and, with ``checkpoint_dir``, the full state is written atomically so an
-interrupted run resumes from its last checkpoint. A non-finite loss stops training with the step
-and configuration in the message.
+interrupted run resumes from its last checkpoint. The checkpoint records everything that
+determines the run (the SAE config, the whole ``TrainConfig`` but ``checkpoint_dir``, and the data's
+shape and sha256: a full hash, ~1 GB/s, about 2 s for 1M rows x 576, small next to training on
+them); resuming with anything else is refused, never silently mixed.
+
+A non-finite loss stops training with the step and configuration in the message. A run that
+diverges but stays finite ends with a ``RuntimeWarning``: for some seed the last logged loss is more
+than ``DIVERGED_LOSS_RATIO`` (2) times the first and the last FVU is above 1 (worse than predicting
+the mean); a run that learns never meets both.
+
+``x`` is a float tensor or a numpy array (converted, on the bank's device) of shape
+[n_rows >= 1, d_model]; anything else is refused before training starts, as are configuration
+fields of the wrong type (``True`` for an integer, a string for a number).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -38,14 +51,29 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from paperlib.atomic import atomic_path
+from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_precision
 from paperlib.sae import SAEBank
+from paperlib.store import jsonable
 
 Callback = Callable[[SAEBank], "float | np.ndarray | Tensor"]
 
 # Paper A's checkpoints: log-spaced early in training, then every tenth.
 PAPER_CHECKPOINTS = (0.0, 0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316) + tuple(round(0.1 * i, 1) for i in range(2, 11))
+
+# A run has diverged when, for some seed, the last logged loss exceeds this multiple of the first
+# and the last FVU exceeds 1 (module docstring).
+DIVERGED_LOSS_RATIO = 2.0
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python, never a meant count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite real number that is not a bool (numpy scalars included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -74,23 +102,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "chunk_size", "stats_rows"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         for name in ("batch_size", "eval_rows"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
         for name in ("warmup_steps", "sparsity_warmup_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
+        if not _is_real(self.lr) or not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be a positive finite number (e.g. 1e-3), got {self.lr!r}")
+        if not _is_real(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"TrainConfig.decay_fraction must be a number in [0, 1], got {self.decay_fraction!r}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"TrainConfig.normalize must be True or False, got {self.normalize!r}")
         if self.b_dec_init not in ("zeros", "mean", "median"):
             raise ValueError(f"TrainConfig.b_dec_init must be 'zeros', 'mean' or 'median', got {self.b_dec_init!r}")
-        if any(not 0 <= f <= 1 for f in self.checkpoint_fractions):
-            raise ValueError(f"TrainConfig.checkpoint_fractions must lie in [0, 1], got {self.checkpoint_fractions!r}")
+        if not isinstance(self.checkpoint_fractions, (tuple, list)) or any(
+                not _is_real(f) or not 0 <= f <= 1 for f in self.checkpoint_fractions):
+            raise ValueError(f"TrainConfig.checkpoint_fractions must be a tuple of numbers in [0, 1], "
+                             f"got {self.checkpoint_fractions!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.checkpoint_dir is not None and not self.checkpoint_fractions:
@@ -152,12 +186,36 @@ def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.n
     return {name: value.cpu().numpy() for name, value in out.items()}
 
 
-def _check_data(x: Tensor, bank: SAEBank) -> None:
+def _as_data(x, bank: SAEBank) -> Tensor:
+    """``x`` as a tensor, checked: numpy arrays are accepted (converted without a copy where possible);
+    anything else, integer or boolean data, no rows, the wrong width or NaN/Inf is refused here."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x) if x.dtype.kind == "f" and x.dtype.isnative else torch.as_tensor(x)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"training data must be a torch.Tensor or numpy array [n_rows, d_model={bank.cfg.d_model}], "
+                         f"got {type(x).__name__}; convert it with torch.as_tensor")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"training data must hold floating-point activations, got dtype {x.dtype}; "
+                         "pass activations (e.g. Activations.fp32()), converted with .float() if they are numbers")
     if x.ndim != 2 or x.shape[1] != bank.cfg.d_model:
         raise ValueError(f"training data must be [n_rows, d_model={bank.cfg.d_model}], got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"training data has no rows (shape {tuple(x.shape)}); pass at least one row per batch")
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise ValueError(f"training data has {bad} rows with NaN/Inf entries; clean or drop them first")
+    return x
+
+
+def data_fingerprint(x: Tensor) -> dict:
+    """Shape, dtype and sha256 of the rows exactly as training reads them (the same bytes give the
+    same run): what a checkpoint must match to be resumed. Hashed in ~64 MB chunks, never a second
+    copy of the whole data."""
+    digest = hashlib.sha256()
+    rows = max(1, (64 << 20) // max(1, x.shape[1] * x.element_size()))
+    for start in range(0, x.shape[0], rows):
+        digest.update(x[start : start + rows].detach().cpu().contiguous().numpy())
+    return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."), "sha256": digest.hexdigest()}
 
 
 def _batch_rows(step: int, n_rows: int, cfg: TrainConfig) -> Tensor | None:
@@ -211,7 +269,7 @@ def train(
     progress: bool = True,
 ) -> History:
     """Train every seed of ``bank`` on rows of ``x`` with Adam; returns the logged ``History``."""
-    _check_data(x, bank)
+    x = _as_data(x, bank)
     x = x.to(bank.W_dec.device, torch.float32)
     if resolve_precision(cfg.precision, x.device) == "bf16" and x.device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
@@ -222,7 +280,7 @@ def train(
     optimizer = torch.optim.Adam(bank.parameters(), lr=cfg.lr, foreach=True)
     log: dict[str, list] = {"step": []}
     snapshots: dict[int, Tensor] = {}
-    resume = _Resume(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    resume = _Resume(cfg.checkpoint_dir, bank, cfg, data_fingerprint(x)) if cfg.checkpoint_dir else None
     start = resume.load(bank, optimizer, log, snapshots) if resume else None
     if start is None:
         scale, start = _prepare(bank, x, cfg), 0
@@ -261,18 +319,38 @@ def train(
             checkpoint(step)
     if scale != 1.0:
         fold_scale(bank, scale)
-    return History({name: np.stack(values) for name, values in log.items()}, snapshots, scale)
+    history = History({name: np.stack(values) for name, values in log.items()}, snapshots, scale)
+    _warn_if_diverged(history, bank, cfg)
+    return history
+
+
+def _warn_if_diverged(history: History, bank: SAEBank, cfg: TrainConfig) -> None:
+    """The ``RuntimeWarning`` of the module docstring: finite numbers, yet the run got worse."""
+    loss, fvu = history["loss"], history["fvu"]
+    if len(loss) < 2:
+        return
+    bad = np.flatnonzero((loss[-1] > DIVERGED_LOSS_RATIO * loss[0]) & (fvu[-1] > 1))
+    if bad.size:
+        seeds = "; ".join(f"seed {i}: loss {loss[0][i]:.4g} -> {loss[-1][i]:.4g}, FVU {fvu[0][i]:.4g} -> "
+                          f"{fvu[-1][i]:.4g}" for i in bad)
+        warnings.warn(
+            f"training diverged (last loss > {DIVERGED_LOSS_RATIO:g}x the first and FVU > 1, worse than predicting "
+            f"the mean) at steps {int(history['step'][0])}..{int(history['step'][-1])} for {seeds}; of {bank.cfg} "
+            f"with {cfg}; lower TrainConfig.lr (now {cfg.lr:g}) or add warmup_steps",
+            RuntimeWarning, stacklevel=3)
 
 
 def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, step: int) -> None:
+    bank.cfg.arch.at_step(bank, step, cfg.steps)  # progress-dependent state (P-anneal's p); else a no-op
     sparsity = cfg.sparsity_scale_at(step)
     optimizer.zero_grad(set_to_none=True)
+    closed_form = bank.closed_form_now()
     with matmul_precision(cfg.precision, batch.device):
-        if bank.cfg.closed_form:  # gradients accumulate in fp32 buffers whatever the matmul precision
+        if closed_form:  # gradients accumulate in fp32 buffers whatever the matmul precision
             grads, parts = bank.loss_and_grads(batch, batch.shape[0], cfg.chunk_size, bank.cfg.l1_coeff * sparsity)
         else:
             total, parts, codes = bank.loss(batch, sparsity_scale=sparsity)
-    if bank.cfg.closed_form:
+    if closed_form:
         for name, param in bank.named_parameters():
             param.grad = grads[name]
         check, fired = parts["sq_err"], parts["fired"]
@@ -295,33 +373,51 @@ def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: T
 
 
 class _Resume:
-    """The full training state at the last checkpoint, in one file written atomically."""
+    """The full training state at the last checkpoint, in one file written atomically, with the
+    record of what it is a run of (the SAE config, the schedule, the data) that ``load`` checks."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, bank: SAEBank, cfg: TrainConfig, data: dict) -> None:
         self.path = Path(directory) / "train_state.pt"
+        self.record = {"sae": jsonable(bank.cfg), "train": jsonable(replace(cfg, checkpoint_dir=None)), "data": data}
+        remove_stale_temporaries(self.path.parent, recursive=False)  # of interrupted saves, an hour old
 
     def save(self, step, scale, bank, optimizer, log, snapshots) -> None:
         state = {"step": step, "scale": scale, "bank": bank.state_dict(), "optimizer": optimizer.state_dict(),
-                 "log": log, "snapshots": snapshots, "config": repr(bank.cfg)}
+                 "log": log, "snapshots": snapshots, "config": repr(bank.cfg), **self.record}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
     def load(self, bank, optimizer, log, snapshots) -> tuple[int, float] | None:
         if not self.path.exists():
             return None
+        fix = f"use another checkpoint_dir, or delete {self.path.parent} to start this run over"
         try:
             state = torch.load(self.path, weights_only=False)
         except Exception as exc:
-            raise ValueError(f"cannot resume from {self.path}: unreadable ({exc}); delete it to start over") from exc
-        if state["config"] != repr(bank.cfg):
-            raise ValueError(
-                f"{self.path} holds a run of {state['config']}, not {bank.cfg}; use another checkpoint_dir"
-            )
+            raise ValueError(f"cannot resume from {self.path}: unreadable ({exc}); {fix}") from exc
+        if not isinstance(state, dict) or not all(k in state for k in self.record):
+            raise ValueError(f"cannot resume from {self.path}: it does not record the schedule and data it was "
+                             f"trained with (written by an older paperlib), so it may be another run; {fix}")
+        differences = [d for part in self.record for d in _differences(part, state[part], self.record[part])]
+        if differences:
+            raise ValueError(f"{self.path} holds a run of another configuration or data ({'; '.join(differences)}); "
+                             f"{fix}")
         bank.load_state_dict(state["bank"])
         optimizer.load_state_dict(state["optimizer"])
         log.update(state["log"])
         snapshots.update(state["snapshots"])
         return state["step"], state["scale"]
+
+
+def _differences(part: str, saved, now) -> list[str]:
+    """What differs between a checkpoint's record and this run's, field by field ("default" where a
+    field is at its default, which ``jsonable`` leaves out)."""
+    if saved == now:
+        return []
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return [f"{part}: checkpoint {saved!r}, now {now!r}"]
+    return [f"{part}.{k}: checkpoint {saved.get(k, 'default')!r}, now {now.get(k, 'default')!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
 def _to_numpy(value) -> np.ndarray:

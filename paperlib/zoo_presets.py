@@ -6,11 +6,12 @@ tune the comparison to its own answer. So the rules here look only at what a pra
 the width, the target sparsity, the data's scale and the L0 a run reaches — never at the ground truth:
 
 * **sparsity.** TopK, BatchTopK and Matryoshka get k = the target L0 (``sparsity``); JumpReLU
-  gets ``target_l0`` = the same number. ReLU, decoder-norm ReLU and Gated have no L0 knob: their
-  L1 coefficient starts from paper A's organism value (1e-2 on a squared error averaged over d = 16
-  dims = 0.16 on the per-sample squared error, at codes of scale 1), and ``calibrate_l1`` scales it
-  by powers of two (then geometric bisection) until short pilot runs land near the target L0 — the
-  sweep a practitioner runs, judged by L0 alone.
+  gets ``target_l0`` = the same number. ReLU, decoder-norm ReLU, Gated and P-anneal have no L0
+  knob: their L1 coefficient (P-anneal's at p = 1; it rescales itself as p falls) starts from paper
+  A's organism value (1e-2 on a squared error averaged over d = 16 dims = 0.16 on the per-sample
+  squared error, at codes of scale 1), and ``calibrate_l1`` scales it by powers of two (then
+  geometric bisection) until short pilot runs land near the target L0 — the sweep a practitioner
+  runs, judged by L0 alone.
 * **scale.** Coefficients are expressed in the data's units, so a rule means the same at any d and
   data scale: the L1 in code units, code_scale = sqrt(E‖x‖² / sparsity) (the size of one active
   code if the active directions were orthogonal), JumpReLU's L0 weight in units of E‖x‖², and its
@@ -41,8 +42,8 @@ import torch
 from paperlib.architectures import Matryoshka
 from paperlib.sae import SAEConfig
 
-ZOO = ("relu", "relu_dnorm", "gated", "topk", "batchtopk", "matryoshka", "jumprelu")
-L1_FAMILY = ("relu", "relu_dnorm", "gated")
+ZOO = ("relu", "relu_dnorm", "gated", "topk", "batchtopk", "matryoshka", "jumprelu", "panneal")
+L1_FAMILY = ("relu", "relu_dnorm", "gated", "panneal")
 K_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
@@ -50,7 +51,7 @@ K_FAMILY = ("topk", "batchtopk", "matryoshka")
 class ZooRules:
     """The per-architecture rules (module docstring); one instance configures the whole zoo."""
 
-    l1_coeff: float = 0.16  # relu, relu_dnorm, gated: x code_scale (paper A: 1e-2 x d=16)
+    l1_coeff: float = 0.16  # relu, relu_dnorm, gated, panneal: x code_scale (paper A: 1e-2 x d=16)
     l0_coeff: float = 5.0  # jumprelu: weight of (L0 / target - 1)^2, x mean squared norm of x
     threshold_fraction: float = 0.1  # jumprelu: initial threshold / code_scale
     bandwidth_fraction: float = 0.05  # jumprelu: straight-through kernel width / code_scale

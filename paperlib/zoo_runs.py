@@ -39,10 +39,11 @@ def llm_schedule(steps: int, lr: float, batch_size: int, seed: int, eval_rows: i
     """Notebooks 06-10's training schedule for SAEs on LLM activations (paper A's: warm-up, constant,
     linear decay over the last ``decay_fraction``; unit mean squared norm; b_dec at the geometric
     median; decoder snapshots at paper A's checkpoints; ``precision`` of the matmuls, see
-    ``TrainConfig``). Metrics are logged before and after training only: no notebook reads the
-    intermediate ones (PW-MCC over training uses the snapshots), and each fp32 evaluation of a
-    06-sized bank costs ~0.5 s (measured), ten per run. Same arguments, same cache key, in every notebook."""
-    return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, log_every=steps, seed=seed,
+    ``TrainConfig``). Metrics are logged before, half-way through and after training only: the half-way
+    FVU is what ``convergence.last_doubling`` compares the end with (PW-MCC over training uses the
+    snapshots), and each fp32 evaluation of a 06-sized bank costs ~0.5 s (measured). Same arguments,
+    same cache key, in every notebook."""
+    return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, log_every=max(1, round(steps / 2)), seed=seed,
                        eval_rows=min(4096, eval_rows), warmup_steps=warmup_steps, decay_fraction=decay_fraction,
                        normalize=True, b_dec_init="median", checkpoint_fractions=PAPER_CHECKPOINTS, precision=precision)
 

@@ -54,6 +54,25 @@ def cfg(tiny, **overrides):
     fields.update(overrides)
     return A.ActivationConfig(**fields)
 
+def interrupt_extraction(config, store, forwards: int = 8) -> None:
+    """Extraction of ``config`` stopped by a real Ctrl-C at the ``forwards``-th model call (with the
+    tiny model's shards of 8 contexts, 3 forwards each: in the middle of shard 2)."""
+    model, _ = load_model(config.model, store)
+    calls = []
+
+    def interrupt(*args):
+        calls.append(1)
+        if len(calls) == forwards:
+            raise KeyboardInterrupt
+
+    handle = decoder_blocks(model)[0].register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            A.load_activations(config, store, progress=False)
+    finally:
+        handle.remove()
+
+
 
 def reference_rows(config, store):
     """Activations computed directly from a full forward with output_hidden_states."""
@@ -155,20 +174,7 @@ def test_interrupted_extraction_resumes_from_the_last_complete_shard(tiny, tmp_p
     config = cfg(tiny)
     reference = A.load_activations(config, Store(tmp_path / "ref"), progress=False)
     store = Store(tmp_path / "run")
-    model, _ = load_model(config.model, store)
-    forwards = []
-
-    def interrupt(*args):  # a real Ctrl-C in the middle of shard 2 (3 forwards per shard of 8 contexts)
-        forwards.append(1)
-        if len(forwards) == 8:
-            raise KeyboardInterrupt
-
-    handle = decoder_blocks(model)[0].register_forward_hook(interrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            A.load_activations(config, store, progress=False)
-    finally:
-        handle.remove()
+    interrupt_extraction(config, store)
     path = store.root / "activations" / reference.path.name
     journal = json.loads((path / "progress.json").read_text())
     assert sorted(journal["done"]) == ["0", "1"] and not (path / "manifest.json").exists()

@@ -22,6 +22,7 @@ SETTINGS = {
     "matryoshka": dict(k=2, groups=(0.25, 0.25)),
     "jumprelu": dict(l0_coeff=1.0, target_l0=2.0, init_threshold=0.2, bandwidth=0.1),
     "gated": dict(l1_coeff=0.1),
+    "panneal": dict(l1_coeff=0.1),
 }
 
 

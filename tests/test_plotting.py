@@ -38,3 +38,31 @@ def test_profiles_never_share_a_directory(tmp_path, monkeypatch):
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown profile 'huge'; choose one of smoke, default, paper"):
         provenance("huge")
+
+
+def test_unknown_injected_parameters_are_refused():
+    from paperlib.plotting import refuse_unknown_parameters
+
+    declared = 'profile = "smoke"\nsteps = 40  # a comment\nlr = 1e-3'
+    refuse_unknown_parameters(["", declared, '# Parameters\nprofile = "default"\nsteps = 5\n', "import x"])
+    refuse_unknown_parameters(["", declared, "x = 1"])  # run interactively: no injected cell
+    with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) stepz: this notebook takes lr, profile, steps"):
+        refuse_unknown_parameters(["", declared, '# Parameters\nprofile = "default"\nstepz = 5\n'])
+
+
+def test_papermill_run_with_a_misspelled_parameter_fails(tmp_path):
+    # The real thing: papermill injects the cell, the notebook's first call refuses it.
+    import nbformat
+    import papermill
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                          "language": "python"}})
+    params = nbformat.v4.new_code_cell('profile = "smoke"\nsteps = 40')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("from paperlib.plotting import check_profile\ncheck_profile(profile)")]
+    source = tmp_path / "nb.ipynb"
+    nbformat.write(nb, source)
+    papermill.execute_notebook(str(source), str(tmp_path / "ok.ipynb"), parameters={"steps": 5}, progress_bar=False)
+    with pytest.raises(papermill.PapermillExecutionError, match="stepz"):
+        papermill.execute_notebook(str(source), str(tmp_path / "bad.ipynb"), parameters={"stepz": 5},
+                                   progress_bar=False)

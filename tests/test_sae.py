@@ -125,3 +125,29 @@ def test_sparse_path_is_chosen_only_where_it_pays_off():
     assert not sparse_pays_off(3, 32) and not sparse_pays_off(128, 1024)
     with pytest.raises(ValueError, match="sparse path is for TopK"):
         make("relu").loss_and_grads(torch.randn(4, 6), n_rows=4, sparse=True)
+
+
+def test_topk_with_auxk_trains_in_closed_form_exactly_while_no_latent_is_dead(monkeypatch):
+    # AuxK is exactly zero until a latent has been silent for dead_tokens: the closed-form (sparse)
+    # step must then train like autograd on loss(), and autograd must take over once one is dead.
+    from paperlib.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16)
+    cfg = SAEConfig("topk", 16, 600, k=8, n_seeds=2, aux_coeff=1 / 32, decoder="unit", reconstruction="sum")
+    schedule = TrainConfig(steps=30, lr=1e-3, batch_size=256, log_every=30)
+    fast = SAEBank(cfg)
+    assert fast.closed_form_now()
+    train(fast, x, schedule, progress=False)
+    monkeypatch.setattr(SAEBank, "closed_form_now", lambda self: False)
+    slow = SAEBank(cfg)
+    train(slow, x, schedule, progress=False)
+    for (name, p), ref in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(p, ref, rtol=1e-4, atol=1e-5, msg=name)
+    monkeypatch.undo()
+    with torch.no_grad():
+        fast.tokens_since_fired[0, 3] = cfg.dead_tokens  # one dead latent: AuxK is live again
+    assert not fast.closed_form_now()
+    with pytest.raises(ValueError, match="while latents are dead"):
+        fast.loss_and_grads(x[:64], n_rows=64)
+    assert not SAEBank(SAEConfig("batchtopk", 16, 64, k=4)).closed_form_now()

@@ -1,5 +1,7 @@
 """The training loop: it learns, it is deterministic, it stops loudly on bad numbers."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -136,12 +138,11 @@ def test_checkpoints_snapshot_decoders_at_log_spaced_fractions():
     assert sorted(history.checkpoints) == [0, 10, 20] and history.checkpoints[10].shape == (3, 12, 8)
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    data = sample_uniform(ORGANISM)
-    cfg = TrainConfig(steps=20, lr=1e-3, batch_size=300, log_every=5, normalize=True,
-                      checkpoint_fractions=(0.5, 1.0), checkpoint_dir=str(tmp_path / "run"))
-    reference = bank("topk", aux_coeff=1 / 32, dead_tokens=300)  # autograd path, Adam state, dead counters
-    train(reference, data.x, TrainConfig(**{**cfg.__dict__, "checkpoint_dir": str(tmp_path / "ref")}), progress=False)
+def interrupted_and_resumed(make_bank, x, cfg: TrainConfig) -> tuple[SAEBank, SAEBank]:
+    """(uninterrupted, resumed): ``cfg`` (checkpoints at 0.5 and 1, logs every 5 of 20 steps) run once
+    straight through, once stopped by a Ctrl-C at the log of step 15 and resumed from step 10."""
+    reference = make_bank()
+    train(reference, x, replace(cfg, checkpoint_dir=cfg.checkpoint_dir + "-reference"), progress=False)
     calls = []
 
     def interrupt(b):
@@ -151,10 +152,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
         return 0.0
 
     with pytest.raises(KeyboardInterrupt):
-        train(bank("topk", aux_coeff=1 / 32, dead_tokens=300), data.x, cfg, callbacks={"c": interrupt}, progress=False)
-    resumed = bank("topk", aux_coeff=1 / 32, dead_tokens=300)
-    history = train(resumed, data.x, cfg, callbacks={"c": lambda b: 0.0}, progress=False)
+        train(make_bank(), x, cfg, callbacks={"c": interrupt}, progress=False)
+    resumed = make_bank()
+    history = train(resumed, x, cfg, callbacks={"c": lambda b: 0.0}, progress=False)
     assert history["step"].tolist() == [0, 5, 10, 15, 20]
+    return reference, resumed
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    data = sample_uniform(ORGANISM)
+    cfg = TrainConfig(steps=20, lr=1e-3, batch_size=300, log_every=5, normalize=True,
+                      checkpoint_fractions=(0.5, 1.0), checkpoint_dir=str(tmp_path / "run"))
+    # autograd path, Adam state, dead counters
+    reference, resumed = interrupted_and_resumed(lambda: bank("topk", aux_coeff=1 / 32, dead_tokens=300), data.x, cfg)
     for (name, p), q in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True, msg=name)
 
