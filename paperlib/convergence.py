@@ -151,7 +151,7 @@ def doubling_study(train_run, schedule: TrainConfig, token_grid: Sequence[int], 
     points = []
     for tokens in token_grid:
         steps = max(1, round(tokens / schedule.batch_size))
-        run = train_run(replace(schedule, steps=steps, log_every=max(1, steps // 2)))
+        run = train_run(replace(schedule, steps=steps, log_every=max(1, round(steps / 2))))  # as llm_schedule
         bank = run.bank
         metrics = evaluate(bank, x_eval)
         pw = pw_mcc(bank.decoder_directions())

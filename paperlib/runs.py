@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from paperlib.runtime import resolve_device
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store
 from paperlib.train import Callback, TrainConfig, train
@@ -65,13 +66,14 @@ def trained_bank(
 
     ``callbacks`` are logged like ``train``'s; they are not part of the key, so a cached run keeps
     the columns it was first trained with. Training runs on ``device`` (default: CPU)."""
+    target = resolve_device(device or "cpu", "device")  # refused before any data is read, not mid-run
     store = store or Store()
     config = {"data": data_key, "sae": sae, "train": schedule}
     key = store.path(namespace, config).name
 
     def compute():
         x = data() if callable(data) else data
-        bank = SAEBank(sae).to(device or "cpu")
+        bank = SAEBank(sae).to(target)
         history = train(bank, x, schedule, callbacks=callbacks, progress=progress)
         return _pack(bank.cpu(), history.columns, history.checkpoints), {"architecture": sae.architecture}
 

@@ -57,3 +57,13 @@ def test_firing_rates_count_the_rows_each_latent_fires_on():
     expected = (bank.encode(x) > 0).float().mean(1)
     torch.testing.assert_close(rates, expected)
     torch.testing.assert_close(rates.sum(1), torch.full((2,), 3.0))  # exactly k latents per row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_before_the_data_is_read(store):
+    def untouchable():
+        raise AssertionError("the device must be checked first")
+
+    with pytest.raises(ValueError, match="cuda is not available on this machine"):
+        trained_bank(untouchable, "x", SAEConfig("topk", 8, 16, k=2), TrainConfig(steps=2), store=store,
+                     device="cuda", progress=False)
