@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from paperlib.atomic import atomic_path, write_text
+from paperlib.checks import is_int, is_real
 from paperlib.corpus import check_corpus, count_tokens, describe, documents, pack, separator_id, special_ids
 from paperlib.llm import (PACKAGED, check_layer, decoder_blocks, load_model, load_tokenizer, mean_next_token_loss,
                           residual)
@@ -263,14 +264,6 @@ def _seal(record: dict) -> dict:
     return {**record, "sha256": _content_sha(record)}
 
 
-def _is_int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
 def _shape_problem(record: Any, complete: bool) -> str | None:
     """Why a journal (``complete=False``) or manifest read from disk does not have the shape this
     module writes, or None. Checked before any field is used, so junk never becomes an AttributeError."""
@@ -282,22 +275,22 @@ def _shape_problem(record: Any, complete: bool) -> str | None:
     if not isinstance(plan, dict) or not isinstance(done, dict):
         return "has no 'plan' and 'done' objects"
     ints = ("n_contexts", "context_length", "first_position", "d_model", "n_rows")
-    if not all(_is_int(plan.get(k)) for k in ints) or plan.get("dtype") not in _DTYPES \
+    if not all(is_int(plan.get(k), 0) for k in ints) or plan.get("dtype") not in _DTYPES \
             or not isinstance(plan.get("tokens_sha256"), str) or not isinstance(plan.get("shards"), list):
         return f"has a malformed 'plan' (needs integers {', '.join(ints)}, dtype, tokens_sha256 and shards)"
-    if not all(isinstance(sh, list) and len(sh) == 4 and all(_is_int(v) for v in sh) for sh in plan["shards"]):
+    if not all(isinstance(sh, list) and len(sh) == 4 and all(is_int(v, 0) for v in sh) for sh in plan["shards"]):
         return "has a malformed 'plan.shards' (needs [context start, stop, row start, stop] per shard)"
     for key, value in done.items():
         if not (key.isdigit() and int(key) < len(plan["shards"]) and isinstance(value, dict)
-                and isinstance(value.get("sha256"), str) and _is_number(value.get("sumsq"))):
+                and isinstance(value.get("sha256"), str) and is_real(value.get("sumsq"))):
             return f"has a malformed 'done' record for shard {key!r} (needs sha256 and sumsq)"
     if not complete:
         return None
-    if not (_is_number(record.get("scale")) and record["scale"] > 0):
+    if not (is_real(record.get("scale")) and record["scale"] > 0):
         return f"has no positive finite 'scale' (got {record.get('scale')!r})"
     meta = record.get("meta")
     if not isinstance(meta, dict) or not isinstance(meta.get("special_ids"), list) \
-            or not all(_is_int(v) for v in meta["special_ids"]):
+            or not all(is_int(v, 0) for v in meta["special_ids"]):
         return "has a malformed 'meta' (needs special_ids)"
     return None
 

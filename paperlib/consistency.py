@@ -194,7 +194,6 @@ def pw_mcc(dictionaries, signed: bool = True, device: str | None = None) -> Pair
     runs = _as_runs(dictionaries)
     if len(runs) < 2:
         raise ValueError(f"PW-MCC needs at least two runs, got {len(runs)}; train more seeds")
-    device = _device(device)
     index = list(combinations(range(len(runs)), 2))
     matches = [match(runs[i], runs[j], signed, device=device) for i, j in index]
     values = np.array([m.mcc for m in matches])
@@ -293,7 +292,6 @@ def chance_mcc(
     """The MCC two unrelated dictionaries of shapes [n_a, d] and [n_b, d] reach by chance."""
     if min(n_a, n_b, d, n_samples) < 1:
         raise ValueError(f"chance_mcc needs positive sizes, got n_a={n_a}, n_b={n_b}, d={d}, n_samples={n_samples}")
-    device = _device(device)
     rng = np.random.default_rng(seed)
     values = np.array([
         match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device).mcc

@@ -89,12 +89,12 @@ def last_doubling(run: TrainedRun, schedule: TrainConfig) -> Convergence:
     return Convergence((tokens[0], tokens[1]), pw, (fvu[0], fvu[1]))
 
 
-def family_convergence(family, schedule: TrainConfig) -> dict[str, Convergence]:
-    """``last_doubling`` of every member of a ``paperlib.family.Family`` trained with ``schedule``,
-    named "architecture/width"."""
-    config = family.config
-    return {f"{config.architecture}/{width}": last_doubling(family.run(width), config.schedule_for(width, schedule))
-            for width in family.widths}
+def family_convergence(families, schedule: TrainConfig) -> dict[str, Convergence]:
+    """``last_doubling`` of every member of each ``paperlib.family.Family`` in ``families``, trained
+    with ``schedule``, named "architecture/width"."""
+    return {f"{family.config.architecture}/{width}":
+            last_doubling(family.run(width), family.config.schedule_for(width, schedule))
+            for family in families for width in family.widths}
 
 
 def report(reports: dict[str, Convergence]) -> dict[str, dict[str, Any]]:
@@ -113,7 +113,7 @@ def report(reports: dict[str, Convergence]) -> dict[str, dict[str, Any]]:
 
 def not_converged(reports: dict[str, Convergence]) -> list[str]:
     """Names of the reports that miss the criterion (for a notebook's warning)."""
-    return [name for name, report in reports.items() if not report.converged]
+    return [name for name, record in reports.items() if not record.converged]
 
 
 def decoder_cosine_to_init(run: TrainedRun) -> float:

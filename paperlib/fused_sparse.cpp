@@ -10,8 +10,8 @@
 // the thread count.
 // Pass 3, parallel over model dimensions: d_b_dec[i] = sum_r g[r, i] - sum_j W_enc[i, j] d_b_enc[j],
 // both sums in a fixed order (rows, then latents). (Left to torch, these two reductions were the one part of the step
-// whose rounding depended on the thread count: MKL's matrix-vector product on Intel CPUs splits
-// its sum across threads.) The loss sums are also added here, in row order.
+// whose rounding depended on the thread count on an Intel CPU, presumably MKL's matrix-vector
+// product splitting its sum across threads.) The loss sums are also added here, in row order.
 #include <cstdint>
 #ifdef _OPENMP
 #include <omp.h>

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from paperlib.architectures import ARCHITECTURES, Architecture
+from paperlib.checks import is_int, is_real
 from paperlib.fused import fused_grads
 from paperlib.runtime import maybe_compile
 from paperlib.sparse_topk import sparse_pays_off, sparse_topk_loss_and_grads
@@ -77,21 +78,19 @@ class SAEConfig:
             )
         for name in ("d_model", "n_latents", "n_seeds", "dead_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # True is an int in Python
+            if not is_int(value, 1):
                 raise ValueError(f"SAEConfig.{name} must be a positive integer, got {value!r}")
-        from numbers import Real  # a string compares with nothing, so numbers are type-checked first
-
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ValueError(f"SAEConfig.seed must be an integer, got {self.seed!r}")
-        if self.aux_k is not None and (isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 1):
+        if self.aux_k is not None and not is_int(self.aux_k, 1):
             raise ValueError(f"SAEConfig.aux_k must be a positive integer or None (d_model // 2), got {self.aux_k!r}")
         for name in ("l1_coeff", "l0_coeff", "aux_coeff", "init_scale", "bandwidth", "init_threshold", "target_l0"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
+            if value is not None and not is_real(value):
                 raise ValueError(f"SAEConfig.{name} must be a finite number, got {value!r}")
         arch = self.arch
         if arch.needs_k:
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.n_latents:
+            if not is_int(self.k) or not 1 <= self.k <= self.n_latents:
                 raise ValueError(
                     f"{self.architecture} SAE needs 1 <= k <= n_latents={self.n_latents}, got k={self.k!r}"
                 )
@@ -111,12 +110,11 @@ class SAEConfig:
             raise ValueError(f"{self.architecture} SAE has no AuxK loss; leave aux_coeff=0")
         if self.target_l0 is not None and not self.target_l0 > 0:
             raise ValueError(f"SAEConfig.target_l0 must be > 0 or None, got {self.target_l0!r}")
-        if not self.groups or any(isinstance(g, bool) or not isinstance(g, Real) or not 0 < g < 1 for g in self.groups) \
-                or sum(self.groups) >= 1:
+        if not self.groups or any(not is_real(g) or not 0 < g < 1 for g in self.groups) or sum(self.groups) >= 1:
             raise ValueError(f"SAEConfig.groups must be fractions in (0, 1) summing below 1, got {self.groups!r}")
         for name in ("p_start", "p_end", "anneal_start"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_real(value):
                 raise ValueError(f"SAEConfig.{name} must be a number, got {value!r}")
         if not (0 < self.p_start <= 1 and 0 <= self.p_end <= self.p_start):
             raise ValueError(
@@ -127,7 +125,7 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.anneal_start must be a fraction of training in [0, 1), got {self.anneal_start!r}")
         for name, least in (("p_updates", 2), ("p_window", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_int(value, least):
                 raise ValueError(f"SAEConfig.{name} must be an integer >= {least}, got {value!r}")
 
     @property

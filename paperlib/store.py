@@ -98,11 +98,7 @@ class Store:
         self.root = Path(root) if root is not None else default_root()
         if self.root not in Store._cleaned:
             Store._cleaned.add(self.root)
-            self.remove_stale_temporaries()
-
-    def remove_stale_temporaries(self, max_age_s: float | None = None) -> list[Path]:
-        """Delete what interrupted writes left under the root (see ``paperlib.atomic``); returns it."""
-        return remove_stale_temporaries(self.root, *(() if max_age_s is None else (max_age_s,)))
+            remove_stale_temporaries(self.root)  # what interrupted writes left (paperlib.atomic)
 
     def path(self, namespace: str, config: Any) -> Path:
         if not namespace or "/" in namespace or namespace.startswith("."):

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from paperlib.atomic import atomic_path, remove_stale_temporaries
+from paperlib.checks import is_int, is_real
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_precision
 from paperlib.sae import SAEBank
 from paperlib.store import jsonable
@@ -64,16 +64,6 @@ PAPER_CHECKPOINTS = (0.0, 0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316) + tuple(roun
 # A run has diverged when, for some seed, the last logged loss exceeds this multiple of the first
 # and the last FVU exceeds 1 (module docstring).
 DIVERGED_LOSS_RATIO = 2.0
-
-
-def _is_int(value) -> bool:
-    """An integer that is not a bool (``True`` is an ``int`` in Python, never a meant count)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    """A finite real number that is not a bool (numpy scalars included)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -102,27 +92,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "chunk_size", "stats_rows"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         for name in ("batch_size", "eval_rows"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
         for name in ("warmup_steps", "sparsity_warmup_steps"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
-        if not _is_real(self.lr) or not self.lr > 0:
+        if not is_real(self.lr) or not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be a positive finite number (e.g. 1e-3), got {self.lr!r}")
-        if not _is_real(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
+        if not is_real(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"TrainConfig.decay_fraction must be a number in [0, 1], got {self.decay_fraction!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"TrainConfig.normalize must be True or False, got {self.normalize!r}")
         if self.b_dec_init not in ("zeros", "mean", "median"):
             raise ValueError(f"TrainConfig.b_dec_init must be 'zeros', 'mean' or 'median', got {self.b_dec_init!r}")
         if not isinstance(self.checkpoint_fractions, (tuple, list)) or any(
-                not _is_real(f) or not 0 <= f <= 1 for f in self.checkpoint_fractions):
+                not is_real(f) or not 0 <= f <= 1 for f in self.checkpoint_fractions):
             raise ValueError(f"TrainConfig.checkpoint_fractions must be a tuple of numbers in [0, 1], "
                              f"got {self.checkpoint_fractions!r}")
         if self.precision not in PRECISIONS:
