@@ -17,6 +17,6 @@ def is_int(value: Any, low: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
 
 
-def is_real(value: Any) -> bool:
-    """A finite real number that is not a bool (numpy scalars included)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+def is_real(value: Any, finite: bool = True) -> bool:
+    """A real number that is not a bool (numpy scalars included), and finite unless ``finite=False``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and (not finite or math.isfinite(value))

@@ -114,7 +114,7 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.groups must be fractions in (0, 1) summing below 1, got {self.groups!r}")
         for name in ("p_start", "p_end", "anneal_start"):
             value = getattr(self, name)
-            if not is_real(value):
+            if not is_real(value, finite=False):  # nan and inf fail the range checks below, by name
                 raise ValueError(f"SAEConfig.{name} must be a number, got {value!r}")
         if not (0 < self.p_start <= 1 and 0 <= self.p_end <= self.p_start):
             raise ValueError(
