@@ -8,6 +8,8 @@ A run is called converged when **doubling its training tokens changes PW-MCC by 
   rows). Cheap, but the half-way point is still at the full learning rate while the end is after
   the decay, so it mixes "more tokens" with "annealed": a conservative check that a user who
   shortens a schedule sees fail.
+* ``logged_doubling``: the same from a history whose callbacks log PW-MCC (the organism
+  notebooks 01-05; at their constant rate a plain doubling, 05's final decay as above).
 * ``doubling_study``: separate runs, each with the whole schedule (warm-up, decay) at its own
   budget, over a doubling grid of tokens, measured on held-out rows. This is what chose the
   default schedule (notebook 06, "Convergence").
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,13 +71,19 @@ class Convergence:
                 f"{self.fvu[1]:.4f} ({100 * self.fvu_change:+.2f} %)")
 
 
+def _logged_index(steps: np.ndarray, step: int) -> int | None:
+    """Row of the history logged at ``step`` (None where it was not logged)."""
+    hits = np.flatnonzero(np.asarray(steps) == step)
+    return int(hits[0]) if len(hits) else None
+
+
 def last_doubling(run: TrainedRun, schedule: TrainConfig) -> Convergence:
     """The criterion applied inside one run: half its steps against all of them (see the module
     docstring). Needs logged FVU at both steps and, for a bank of several seeds, decoder snapshots
     there too (``llm_schedule`` has them)."""
     half, full = round(schedule.steps / 2), schedule.steps  # the step of checkpoint fraction 0.5
-    logged = [int(step) for step in np.asarray(run.history["step"])]
-    missing = [f"FVU at step {step}" for step in (half, full) if step not in logged]
+    rows = [_logged_index(run.history["step"], step) for step in (half, full)]
+    missing = [f"FVU at step {step}" for step, row in zip((half, full), rows) if row is None]
     seeds = run.bank.n_seeds
     if seeds > 1:
         missing += [f"decoder snapshot at step {step}" for step in (half, full) if step not in run.checkpoints]
@@ -83,10 +91,28 @@ def last_doubling(run: TrainedRun, schedule: TrainConfig) -> Convergence:
         raise ValueError(f"run {run.key} has no {', '.join(missing) or 'half-way step'}; train it with a schedule "
                          "that logs metrics (and snapshots decoders) at half and all of its steps "
                          "(zoo_runs.llm_schedule)")
-    fvu = [float(np.mean(run.history["fvu"][logged.index(step)])) for step in (half, full)]
+    fvu = [float(np.mean(run.history["fvu"][row])) for row in rows]
     pw = None if seeds == 1 else (pw_mcc(run.checkpoints[half]).mean, pw_mcc(run.checkpoints[full]).mean)
     tokens = [step * (schedule.batch_size or 0) for step in (half, full)]
     return Convergence((tokens[0], tokens[1]), pw, (fvu[0], fvu[1]))
+
+
+def logged_doubling(columns: Mapping[str, Any], rows_per_step: int) -> Convergence:
+    """The same in-run criterion from logged metrics alone, for runs whose callbacks log PW-MCC per
+    seed pair as ``"pw_mcc"`` (the organism notebooks): the last logged step against half of it.
+    ``rows_per_step`` is the batch size (the number of samples for full-batch training)."""
+    steps = np.asarray(columns["step"])
+    full = int(steps[-1])
+    half = full // 2
+    rows = [_logged_index(steps, half), len(steps) - 1]
+    if full < 2 or full % 2 or rows[0] is None or "fvu" not in columns:
+        raise ValueError(f"no logged FVU at step {half} (half of the last logged step {full}); log metrics "
+                         "with a log_every that divides steps / 2")
+    fvu = [float(np.mean(columns["fvu"][row])) for row in rows]
+    pw = None
+    if "pw_mcc" in columns and np.size(columns["pw_mcc"][rows[1]]):
+        pw = tuple(float(np.mean(columns["pw_mcc"][row])) for row in rows)
+    return Convergence((half * rows_per_step, full * rows_per_step), pw, (fvu[0], fvu[1]))
 
 
 def family_convergence(families, schedule: TrainConfig) -> dict[str, Convergence]:

@@ -7,9 +7,15 @@ FMA loop ~520. Both are plain float32 (no reduced-precision accumulation): their
 float rounding only, and oneDNN's do not depend on the thread count (tested). On tiny shapes MKL
 wins (a [512, 16] x [16, 32] product is 2x slower in oneDNN), hence ``MIN_DIM``.
 
+On Intel CPUs the order reverses: on a 2-core Xeon (Sapphire Rapids) MKL is 3-20 % faster than
+oneDNN on the LLM notebooks' shapes (327-378 against 253-344 GFLOP/s, 2026-12-05), so by default the
+oneDNN route is taken on AMD CPUs only. The choice is a fixed rule per CPU vendor, not a timing
+race, so one machine always computes the same numbers.
+
 Only used where no autograd graph passes through (oneDNN's linear op has no derivative here), outside
-autocast (there torch already picks oneDNN for bf16), and on CPU. ``PAPERLIB_ONEDNN=0`` turns it off;
-a torch build without the op falls back to ``torch.addmm``.
+autocast (there torch already picks oneDNN for bf16), and on CPU. ``PAPERLIB_ONEDNN=1`` forces it on,
+``0`` off, ``auto`` (the default) is the vendor rule; a torch build without the op falls back to
+``torch.addmm``.
 """
 
 from __future__ import annotations
@@ -23,8 +29,29 @@ from torch import Tensor
 MIN_DIM = 64  # oneDNN is measured faster once every dimension of the product is at least this
 
 
+SETTINGS = ("auto", "0", "1")
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor string (e.g. AuthenticAMD, GenuineIntel); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def enabled() -> bool:
-    return os.environ.get("PAPERLIB_ONEDNN", "1") != "0"
+    """Whether fp32 matmuls may take the oneDNN route: ``PAPERLIB_ONEDNN``, else the vendor rule."""
+    setting = os.environ.get("PAPERLIB_ONEDNN", "auto")
+    if setting not in SETTINGS:
+        raise ValueError(f"PAPERLIB_ONEDNN must be one of {', '.join(SETTINGS)}, got {setting!r}: unset it to "
+                         "let the CPU vendor decide (oneDNN on AMD, MKL elsewhere)")
+    return setting == "1" or (setting == "auto" and cpu_vendor() == "AuthenticAMD")
 
 
 @functools.cache

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from paperlib.consistency import pw_mcc
-from paperlib.convergence import (Convergence, decoder_cosine_to_init, doubling_study, last_doubling, not_converged,
+from paperlib.convergence import (Convergence, decoder_cosine_to_init, doubling_study, last_doubling, logged_doubling,
+                                  not_converged,
                                   report, study_convergence)
 from paperlib.runs import trained_bank
-from paperlib.sae import SAEConfig
+from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store
+from paperlib.train import TrainConfig, train
 from paperlib.zoo_runs import llm_schedule
 
 
@@ -52,6 +54,31 @@ def test_last_doubling_reads_the_half_way_snapshot_and_fvu(tmp_path):
     assert report.tokens == (640, 1280)
     assert report.pw_mcc == (pw_mcc(run.checkpoints[10]).mean, pw_mcc(run.checkpoints[20]).mean)
     assert report.fvu == (float(run.history["fvu"][1].mean()), float(run.history["fvu"][2].mean()))
+
+
+def test_logged_doubling_reads_the_callbacks_pw_mcc_at_half_the_last_step():
+    bank = SAEBank(SAEConfig("topk", 8, 16, k=2, n_seeds=3))
+    schedule = TrainConfig(steps=40, lr=1e-2, batch_size=64, log_every=10, eval_rows=256)
+    history = train(bank, data(), schedule, progress=False,
+                    callbacks={"pw_mcc": lambda b: [p[2] for p in pw_mcc(b.decoder_directions()).pairs]})
+    report = logged_doubling(history.columns, rows_per_step=64)
+    assert report.tokens == (20 * 64, 40 * 64)
+    assert report.pw_mcc == (float(np.mean(history["pw_mcc"][2])), float(np.mean(history["pw_mcc"][4])))
+    assert report.pw_mcc[1] == pytest.approx(pw_mcc(bank.decoder_directions()).mean)
+    assert report.fvu == (float(history["fvu"][2].mean()), float(history["fvu"][4].mean()))
+
+
+def test_logged_doubling_without_pw_mcc_judges_fvu_alone():
+    columns = {"step": np.array([0, 5, 10]), "fvu": np.array([[1.0], [0.5], [0.499]])}
+    report = logged_doubling(columns, rows_per_step=2)
+    assert report.pw_mcc is None and report.tokens == (10, 20) and report.converged
+
+
+@pytest.mark.parametrize("steps", [[0, 4, 10], [0, 3]])
+def test_logged_doubling_refuses_a_history_without_the_half_way_step(steps):
+    columns = {"step": np.array(steps), "fvu": np.ones((len(steps), 1))}
+    with pytest.raises(ValueError, match="log_every that divides steps / 2"):
+        logged_doubling(columns, rows_per_step=1)
 
 
 def test_last_doubling_refuses_a_run_without_the_records(tmp_path):

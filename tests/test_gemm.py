@@ -116,3 +116,22 @@ def test_training_through_onednn_is_bitwise_reproducible():
     train(a, x, cfg, progress=False)
     train(b, x, cfg, progress=False)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("vendor, expected", [("AuthenticAMD", True), ("GenuineIntel", False), ("", False)])
+def test_by_default_the_cpu_vendor_decides(monkeypatch, vendor, expected):
+    """oneDNN where it was measured faster (AMD), torch's MKL elsewhere; the variable overrides."""
+    x, w = torch.randn(70, 64), torch.randn(64, 80)
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
+    monkeypatch.delenv("PAPERLIB_ONEDNN")
+    assert gemm.applies(x, w) is expected
+    monkeypatch.setenv("PAPERLIB_ONEDNN", "auto")
+    assert gemm.applies(x, w) is expected
+    monkeypatch.setenv("PAPERLIB_ONEDNN", "1")
+    assert gemm.applies(x, w)
+
+
+def test_a_misspelt_switch_is_refused(monkeypatch):
+    monkeypatch.setenv("PAPERLIB_ONEDNN", "yes")
+    with pytest.raises(ValueError, match="PAPERLIB_ONEDNN must be one of auto, 0, 1, got 'yes'"):
+        gemm.applies(torch.randn(70, 64), torch.randn(64, 80))
