@@ -29,6 +29,12 @@ step takes bfloat16 inputs; weights, Adam and losses stay fp32), measured only w
 native bf16 (AVX512-BF16 or AMX). Its roofline is the machine's bf16 matmul rate, and its ratio to
 the peers (all fp32) is reported separately, as ``paperlib_bf16_over_fastest_peer_fp32``.
 
+paperlib-auxk (and paperlib-auxk-bf16): the single-seed run with the AuxK dead-latent loss at weight
+1/32, the configuration notebooks 06-10 train (their TopK family: ``zoo_runs.rule_config``). AuxK
+adds a top-k over the dead latents' pre-activations and a second decode while any latent is dead;
+``auxk_cost`` = paperlib's tokens/s without it / with it. Of the peers only dictionary_learning
+trains with AuxK here (its default weight, recorded as ``auxk_alpha``).
+
 Reported per measurement: tokens/s per SAE = steps * batch / seconds (each seed of a bank sees every
 token, so a bank of S seeds trains S * that many SAE-tokens per second: ``tokens_per_s_aggregate``)
 and that aggregate as a fraction of the machine's dense fp32 matmul roofline for the one
@@ -69,6 +75,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
 K = 32
 BATCH = 4096
 LR = 1e-4
+AUX_COEFF = 1 / 32  # the LLM notebooks' AuxK weight (paperlib.zoo_runs.rule_config)
 DATA_BATCHES = 4  # rows of synthetic data = DATA_BATCHES * BATCH
 DATA_RANK = 64
 DATA_SEED = 1234
@@ -159,7 +166,7 @@ def _time_loop(step: Callable[[int, Any], None], x: Any, warmup: int, steps: int
     return {"seconds": seconds, "warmup_seconds": warm, "loadavg_before": load_before, "loadavg_after": _load()}
 
 
-def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32") -> dict[str, Any]:
+def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32", aux_coeff: float = 0.0) -> dict[str, Any]:
     import warnings
 
     sys.path.insert(0, str(ROOT))
@@ -192,7 +199,7 @@ def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32") -
     for r in range(args.repeat):
         seed = args.seed + r * args.seeds
         cfg = SAEConfig("topk", d_model=args.d, n_latents=args.n, k=args.k, n_seeds=args.seeds, seed=seed,
-                        decoder="unit", reconstruction="sum")
+                        decoder="unit", reconstruction="sum", aux_coeff=aux_coeff)
         bank = SAEBank(cfg)
 
         def train_cfg(steps: int) -> TrainConfig:
@@ -306,6 +313,8 @@ def _child_dictionary_learning(args: argparse.Namespace, x: Any) -> dict[str, An
 CHILDREN: dict[str, Callable[[argparse.Namespace, Any], dict[str, Any]]] = {
     "paperlib": _child_paperlib,
     "paperlib-bf16": lambda args, x: _child_paperlib(args, x, precision="bf16"),
+    "paperlib-auxk": lambda args, x: _child_paperlib(args, x, aux_coeff=AUX_COEFF),
+    "paperlib-auxk-bf16": lambda args, x: _child_paperlib(args, x, precision="bf16", aux_coeff=AUX_COEFF),
     "eai-sparsify": _child_sparsify,
     "sae-lens": _child_sae_lens,
     "dictionary-learning": _child_dictionary_learning,
@@ -329,7 +338,7 @@ def _child(args: argparse.Namespace) -> None:
         x = torch.load(args.data, weights_only=True)
         out.update(CHILDREN[args._child](args, x))
         # The machine's matmul rate right after the measurement, as a check on interference.
-        dtype = "bfloat16" if args._child == "paperlib-bf16" else "float32"
+        dtype = "bfloat16" if args._child.endswith("-bf16") else "float32"
         out["matmul_gflops_after"] = round(_matmul_gflops(args.d, args.n, reps=2, dtype=dtype), 1)
     except Exception as exc:  # reported, never raised: the parent records the reason and goes on
         out["error"] = _sanitize(f"{type(exc).__name__}: {exc}")
@@ -607,8 +616,10 @@ def main() -> None:
             # paperlib: three separate single-seed runs (seeds 0, 1, 2), then one bank of three seeds,
             # then (on a CPU with native bf16) one single-seed run with bf16 matmuls.
             variants = [("paperlib", 1, BANK_SEEDS, gflops, roofline), ("paperlib", BANK_SEEDS, 1, gflops, roofline)]
+            variants.append(("paperlib-auxk", 1, 1, gflops, roofline))
             if bf16_gflops:
                 variants.append(("paperlib-bf16", 1, 1, bf16_gflops, bf16_gflops * 1e9 / (2 * d * n)))
+                variants.append(("paperlib-auxk-bf16", 1, 1, bf16_gflops, bf16_gflops * 1e9 / (2 * d * n)))
             for library, seeds, repeat, reference, library_roofline in variants:
                 child = measure(sys.executable, library, reference, seeds=seeds, repeat=repeat)
                 if "error" in child:
@@ -653,9 +664,12 @@ def main() -> None:
                     if bank:
                         ratios[f"paperlib_bank{BANK_SEEDS}_aggregate_over_fastest_peer"] = round(
                             bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3)
-                    if "paperlib-bf16_S1_0" in size_meas:
-                        ratios["paperlib_bf16_over_fastest_peer_fp32"] = round(
-                            size_meas["paperlib-bf16_S1_0"]["tokens_per_s_per_sae"] / best["tokens_per_s_per_sae"], 3)
+                    for variant in ("paperlib-bf16", "paperlib-auxk", "paperlib-auxk-bf16"):
+                        if f"{variant}_S1_0" in size_meas:
+                            ratios[f"{variant.replace('-', '_')}_over_fastest_peer_fp32"] = round(
+                                size_meas[f"{variant}_S1_0"]["tokens_per_s_per_sae"] / best["tokens_per_s_per_sae"], 3)
+                if "paperlib-auxk_S1_0" in size_meas:
+                    ratios["auxk_cost"] = round(ours / size_meas["paperlib-auxk_S1_0"]["tokens_per_s_per_sae"], 3)
                 if bank and len(singles) == BANK_SEEDS:
                     separate = sum(m["seconds"] for m in singles)
                     ratios[f"together_over_separate_{BANK_SEEDS}"] = round(separate / bank["seconds"], 3)
