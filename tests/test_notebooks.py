@@ -56,3 +56,35 @@ def test_every_profile_yaml_belongs_to_a_notebook():
     stems = {p.stem for p in NOTEBOOKS}
     orphans = [p for p in (ROOT / "profiles").glob("*/*.yaml") if p.stem not in stems]
     assert not orphans, f"profile files without a notebook: {orphans}"
+
+
+# Notebooks 07-10 reuse notebook 06's activations and SAE runs from the cache (08-10 share their own): a key they
+# both set must agree, or the later notebook silently extracts and trains its own copies. Per profile, which
+# notebooks share: in smoke and default all LLM notebooks read the same activations; at paper scale 06-07 follow
+# paper A (Pythia, the Pile) and 08-10 paper B (GPT-2, OpenWebText).
+SHARING = {
+    "smoke": [("06", "07", "08", "09", "10")],
+    "default": [("06", "07", "08", "09", "10")],
+    "paper": [("06", "07"), ("08", "09", "10")],
+}
+OWN_KEYS = {"profile", "architectures", "n_boot", "n_examples", "n_top", "chance_samples"}  # per notebook by design
+
+
+def settings(number: str, profile: str) -> dict[str, object]:
+    path = next(p for p in NOTEBOOKS if p.stem.startswith(number))
+    values = parameters_of(path)
+    if profile != "smoke":
+        values.update(yaml.safe_load((ROOT / "profiles" / profile / f"{path.stem}.yaml").read_text()) or {})
+    return values
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_llm_notebooks_that_share_runs_agree_on_every_shared_key(profile):
+    for group in SHARING[profile]:
+        values = {number: settings(number, profile) for number in group}
+        shared = set.union(*(set(v) for v in values.values())) - OWN_KEYS
+        for key in sorted(shared):
+            seen = {number: v[key] for number, v in values.items() if key in v}
+            assert len({repr(v) for v in seen.values()}) == 1, (
+                f"{profile} profile: notebooks {', '.join(seen)} disagree on {key!r}: {seen}; they share cached "
+                "activations and SAEs, so set it the same in each (parameters cell or profiles/<profile>/*.yaml)")
