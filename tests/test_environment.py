@@ -58,3 +58,18 @@ def test_figures_runs_papermill_on_every_notebook_with_its_profile():
     assert result.returncode == 0, result.stderr
     for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         assert f"-f profiles/smoke/{notebook.stem}.yaml -p profile smoke notebooks/{notebook.name}" in result.stdout
+
+
+def test_progress_bars_render_as_widgets_in_a_notebook_kernel():
+    """tqdm.auto in a Jupyter kernel needs ipywidgets; without it every executed notebook opens with a
+    TqdmWarning ("IProgress not found") and JupyterLab shows text bars."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import warnings\nwarnings.simplefilter('always')\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(3)): pass")])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "IProgress not found" not in text and "TqdmWarning" not in text, text
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), outputs
