@@ -27,7 +27,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import subprocess
 import tempfile
 import warnings
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from paperlib.runtime import cpu_signature
 from paperlib.store import default_root
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def _build(source: str, defines: dict[str, int]) -> Path:
     path = Path(__file__).with_name(f"{source}.cpp")
     compiler = os.environ.get("CXX", "c++")
     flags = [*FLAGS, *(f"-D{name.upper()}={value}" for name, value in sorted(defines.items()))]
-    key = hashlib.sha256("\n".join([path.read_text(), compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\n".join([path.read_text(), compiler, *flags, cpu_signature()]).encode()).hexdigest()[:20]
     shape = "_".join(f"{name}{value}" for name, value in sorted(defines.items()))
     target = default_root() / "native" / f"{source}_{shape + '_' if shape else ''}{key}.so"
     if target.exists():
@@ -160,18 +160,6 @@ def _build(source: str, defines: dict[str, int]) -> Path:
             subprocess.run(base, check=True, capture_output=True, text=True)
         os.replace(built, target)
     return target
-
-
-@functools.cache
-def _cpu_signature() -> str:
-    """What ``-march=native`` compiles for: a library built on another CPU may not run here."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 _warned = False

@@ -8,50 +8,94 @@ float rounding only, and oneDNN's do not depend on the thread count (tested). On
 wins (a [512, 16] x [16, 32] product is 2x slower in oneDNN), hence ``MIN_DIM``.
 
 On Intel CPUs the order reverses: on a 2-core Xeon (Sapphire Rapids) MKL is 3-20 % faster than
-oneDNN on the LLM notebooks' shapes (327-378 against 253-344 GFLOP/s, 2026-12-05), so by default the
-oneDNN route is taken on AMD CPUs only. The choice is a fixed rule per CPU vendor, not a timing
-race, so one machine always computes the same numbers.
+oneDNN on the LLM notebooks' shapes (327-378 against 253-344 GFLOP/s, 2026-12-05). So neither is
+assumed: on first use both are timed on one representative product and the faster is kept, in a
+small file in the cache keyed by the CPU's feature flags, torch's version and the thread count
+(like the compiled kernels). Later processes read the choice instead of timing again, so one machine
+keeps computing the same numbers.
 
 Only used where no autograd graph passes through (oneDNN's linear op has no derivative here), outside
 autocast (there torch already picks oneDNN for bf16), and on CPU. ``PAPERLIB_ONEDNN=1`` forces it on,
-``0`` off, ``auto`` (the default) is the vendor rule; a torch build without the op falls back to
+``0`` off, ``auto`` (the default) is the measured choice; a torch build without the op falls back to
 ``torch.addmm``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from paperlib.atomic import write_text
+from paperlib.runtime import cpu_signature
+from paperlib.store import default_root
 
 MIN_DIM = 64  # oneDNN is measured faster once every dimension of the product is at least this
 
 
 SETTINGS = ("auto", "0", "1")
+PROBE = (2048, 768, 4096)  # [m, k] x [k, n]: between notebook 06's and the benchmark's encoder products
+
+
+def _seconds(product, reps: int = 3) -> float:
+    """Best of ``reps`` timed calls after one warm-up call."""
+    product()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_onednn_faster() -> bool:
+    """Time MKL (``torch.addmm``) and oneDNN's linear on ``PROBE`` (alternating, best of 3 each)."""
+    m, k, n = PROBE
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((m, k), (k, n), (n,)))
+    onednn = _seconds(lambda: _linear()(x, w.T, b, "none", [], ""))
+    mkl = _seconds(lambda: torch.addmm(b, x, w))
+    return onednn < mkl
+
+
+def _choice_file() -> Path:
+    key = hashlib.sha256("\n".join([cpu_signature(), torch.__version__, str(torch.get_num_threads())]).encode())
+    return default_root() / "native" / f"gemm_choice_{key.hexdigest()[:20]}.json"
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The CPU's vendor string (e.g. AuthenticAMD, GenuineIntel); empty where it cannot be read."""
+def _measured_choice() -> bool:
+    """The cached measurement for this CPU, torch and thread count; measured and stored if absent."""
+    path = _choice_file()
     try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+        return bool(json.loads(path.read_text())["onednn"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: measure again
+    faster = measure_onednn_faster()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"onednn": faster, "probe": PROBE, "torch": torch.__version__,
+                                     "threads": torch.get_num_threads()}))
     except OSError:
-        pass
-    return ""
+        pass  # a read-only cache: measure again in the next process
+    return faster
 
 
 def enabled() -> bool:
-    """Whether fp32 matmuls may take the oneDNN route: ``PAPERLIB_ONEDNN``, else the vendor rule."""
+    """Whether fp32 matmuls may take the oneDNN route: ``PAPERLIB_ONEDNN``, else the measured choice."""
     setting = os.environ.get("PAPERLIB_ONEDNN", "auto")
     if setting not in SETTINGS:
         raise ValueError(f"PAPERLIB_ONEDNN must be one of {', '.join(SETTINGS)}, got {setting!r}: unset it to "
-                         "let the CPU vendor decide (oneDNN on AMD, MKL elsewhere)")
-    return setting == "1" or (setting == "auto" and cpu_vendor() == "AuthenticAMD")
+                         "use whichever of oneDNN and MKL was measured faster on this machine")
+    if setting != "auto":
+        return setting == "1"
+    return _linear() is not None and _measured_choice()
 
 
 @functools.cache
@@ -67,11 +111,12 @@ def _linear():
 
 def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether ``addmm(bias, x, weight)`` takes the oneDNN route."""
-    if not enabled() or _linear() is None or torch.is_autocast_enabled("cpu"):
+    if _linear() is None or torch.is_autocast_enabled("cpu"):
         return False
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return (not needs_grad and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.dim() == weight.dim() == 2 and min(*x.shape, weight.shape[1]) >= MIN_DIM)
+            and x.dim() == weight.dim() == 2 and min(*x.shape, weight.shape[1]) >= MIN_DIM
+            and enabled())  # last: the first call in a process may time both GEMMs
 
 
 def addmm(bias: Tensor | None, x: Tensor, weight: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -143,3 +144,16 @@ def maybe_compile(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+@functools.cache
+def cpu_signature() -> str:
+    """The CPU's feature flags: what ``-march=native`` compiles for and what decides which GEMM is
+    faster, so compiled kernels and measured choices are cached per signature."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
