@@ -19,6 +19,12 @@ the system C++ compiler (``CXX``, else ``c++``: the compiler torch.compile alrea
 source, the flags and the CPU's instruction sets. Without a working compiler, or with
 ``PAPERLIB_FUSED=0``, or outside their domain (CPU, fp32; for ``fused_step`` also no bf16 autocast,
 d·n <= ``MAX_WEIGHTS``, k <= ``MAX_K``), training uses the torch paths; a failed compilation warns once.
+
+Thread counts are chosen by measurement (``ThreadChooser``). An OpenMP region ends in a barrier that
+waits for its slowest thread; when another process holds one of two cores, one of our two threads
+waits a whole scheduler slice for its turn, and a 0.2 ms step took 3-16x longer (measured). Each
+kernel therefore times its calls at the full thread count and at fewer, and runs at the faster;
+since its results do not depend on the thread count, switching never changes a number.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,10 +89,10 @@ def fused_grads(
     x = x.contiguous()
     weights = [p.detach().contiguous() for p in (bank.W_enc, bank.b_enc, bank.W_dec, bank.b_dec)]
     out = torch.empty(S, library.partial_floats())
-    library.fused_step(
+    _threads_for(f"fused_step_{S}_{d}_{n}_{cfg.k or 0}_{x.shape[0]}").run(lambda threads: library.fused_step(
         _ptr(x), ctypes.c_long(x.shape[0]), S, *map(_ptr, weights),
-        ctypes.c_float(2.0 / (n_rows * dims)), ctypes.c_float(l1_coeff / n_rows), _ptr(out), torch.get_num_threads(),
-    )
+        ctypes.c_float(2.0 / (n_rows * dims)), ctypes.c_float(l1_coeff / n_rows), _ptr(out), threads,
+    ))
     d_W_dec, d_W_enc, d_b_enc, d_b_dec, sums, fired = out.split([n * d, d * n, n, d, 3, n], dim=1)
     d_b_dec = d_b_dec - torch.bmm(d_b_enc[:, None], weights[0].transpose(1, 2))[:, 0]
     grads = [d_W_dec.reshape(S, n, d), d_W_enc.reshape(S, d, n), d_b_enc.contiguous(), d_b_dec]
@@ -114,12 +121,60 @@ def sparse_tail(
     idx = idx.to(torch.int64).contiguous()
     g, d_val, sq_err = torch.empty(rows, d), torch.empty(rows, k), torch.empty(rows)
     d_b_dec, sums = torch.empty(d), torch.empty(3, dtype=torch.float64)
-    library.sparse_tail(
+    _threads_for(f"sparse_tail_{rows}_{d}_{n}_{k}").run(lambda threads: library.sparse_tail(
         _ptr(x), _ptr(b_dec), _ptr(W_dec), _ptr(W_enc_t), _ptr(idx), _ptr(val), ctypes.c_long(rows), d, k,
         ctypes.c_long(n), ctypes.c_float(err_scale), ctypes.c_float(l1_per_row), _ptr(g), _ptr(d_val), _ptr(sq_err),
-        _ptr(d_W_dec), _ptr(d_W_enc_t), _ptr(d_b_enc), _ptr(d_b_dec), _ptr(sums), torch.get_num_threads(),
-    )
+        _ptr(d_W_dec), _ptr(d_W_enc_t), _ptr(d_b_enc), _ptr(d_b_dec), _ptr(sums), threads,
+    ))
     return d_b_dec, sums.float()
+
+
+class ThreadChooser:
+    """The thread count of one kernel's calls: each candidate (torch's thread count, halved down to
+    one) is timed, an exponential average of its seconds per call is kept, and the fastest runs;
+    every ``explore_every`` calls another candidate is tried once, so a change of load is noticed."""
+
+    def __init__(self, explore_every: int = 64, smoothing: float = 0.25) -> None:
+        self.explore_every, self.smoothing = explore_every, smoothing
+        self.seconds: dict[int, float] = {}
+        self.calls = 0
+
+    def candidates(self) -> list[int]:
+        most, counts = torch.get_num_threads(), []
+        while most >= 1:
+            counts.append(most)
+            most //= 2
+        return counts
+
+    def pick(self) -> int:
+        candidates = self.candidates()
+        self.calls += 1
+        untried = [t for t in candidates if t not in self.seconds]
+        if untried:
+            return untried[0]
+        best = min(candidates, key=self.seconds.__getitem__)
+        if len(candidates) > 1 and self.calls % self.explore_every == 0:
+            others = [t for t in candidates if t != best]
+            return others[(self.calls // self.explore_every) % len(others)]
+        return best
+
+    def record(self, threads: int, seconds: float) -> None:
+        old = self.seconds.get(threads)
+        self.seconds[threads] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def run(self, call) -> None:
+        """``call(threads)`` at the chosen thread count, timed."""
+        threads = self.pick()
+        start = time.perf_counter()
+        call(threads)
+        self.record(threads, time.perf_counter() - start)
+
+
+_choosers: dict[str, ThreadChooser] = {}
+
+
+def _threads_for(kernel: str) -> ThreadChooser:
+    return _choosers.setdefault(kernel, ThreadChooser())
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:

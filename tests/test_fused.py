@@ -90,6 +90,7 @@ def test_sparse_tail_does_not_depend_on_the_thread_count(threads):
         torch.set_num_threads(1)
         one, one_parts = bank.loss_and_grads(x, n_rows=500, sparse=True)
         torch.set_num_threads(threads)
+        fused._choosers.clear()  # a fresh chooser's first call runs at the full thread count
         many, many_parts = bank.loss_and_grads(x, n_rows=500, sparse=True)
     finally:
         torch.set_num_threads(before)
@@ -120,6 +121,7 @@ def test_result_does_not_depend_on_the_thread_count(monkeypatch):
         torch.set_num_threads(1)
         one, _ = bank.loss_and_grads(x, n_rows=x.shape[0])
         torch.set_num_threads(max(2, threads))
+        fused._choosers.clear()  # a fresh chooser's first call runs at the full thread count
         many, _ = bank.loss_and_grads(x, n_rows=x.shape[0])
     finally:
         torch.set_num_threads(threads)
@@ -181,3 +183,28 @@ def test_a_compiled_kernel_is_reused_from_the_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert fused._build("fused_step", {"d": 4, "n": 6, "k": 0}) == first and first.stat().st_mtime_ns == stamp
     assert fused._build("fused_step", {"d": 4, "n": 6, "k": 2}) != first
+
+
+def test_thread_chooser_runs_the_faster_count_and_notices_a_change(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    chooser = fused.ThreadChooser(explore_every=10, smoothing=1.0)
+    assert chooser.candidates() == [4, 2, 1]
+    seconds = {4: 1.0, 2: 2.0, 1: 3.0}  # quiet machine: more threads, faster
+    picked = []
+    for _ in range(40):
+        threads = chooser.pick()
+        picked.append(threads)
+        chooser.record(threads, seconds[threads])
+    assert picked[:3] == [4, 2, 1] and picked.count(4) >= 34  # every candidate once, then mostly the fastest
+    seconds = {4: 9.0, 2: 1.5, 1: 3.0}  # another process takes cores: 4 threads collapse
+    for _ in range(40):
+        threads = chooser.pick()
+        picked.append(threads)
+        chooser.record(threads, seconds[threads])
+    assert picked[-20:].count(2) >= 18
+
+
+def test_thread_chooser_times_real_calls():
+    chooser, seen = fused.ThreadChooser(), []
+    chooser.run(seen.append)
+    assert seen == [torch.get_num_threads()] and chooser.seconds[seen[0]] >= 0
