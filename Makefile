@@ -1,6 +1,7 @@
 # The only entry points a user needs: see README.md.
 #   make figures [PROFILE=smoke|default|paper]   regenerate every figure of a profile
 #   make test                                     the whole test suite (unit tests + notebooks via nbval)
+#   make test-peers                               exports loaded back by the real SAELens and sparsify
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 
@@ -23,7 +24,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 LIBRARY := $(wildcard paperlib/*.py paperlib/*.cpp)
 
-.PHONY: setup assets figures test test-integration lab bench lock clean clean-cache
+.PHONY: setup assets figures test test-integration test-peers lab bench lock clean clean-cache
 
 setup: $(SETUP_STAMP)
 assets: $(ASSETS_STAMP)
@@ -73,6 +74,20 @@ $(PEERS_STAMP): requirements/bench-peers.txt
 	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/bench-peers.txt
 	touch $@
+
+# The libraries paperlib exports to (paperlib.io.export_sae), pinned with the training benchmark's peers.
+INTEROP := benchmarks/.venv-peers-interop
+INTEROP_STAMP := $(INTEROP)/.stamp
+INTEROP_PINS := requirements/bench-train-peers.txt
+
+$(INTEROP_STAMP): $(INTEROP_PINS)
+	test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip install --quiet --disable-pip-version-check -c $(INTEROP_PINS) sae-lens eai-sparsify
+	touch $@
+
+# Exports loaded back by the real SAELens and sparsify, their codes compared with ours.
+test-peers: $(ASSETS_STAMP) $(INTEROP_STAMP)
+	$(PY) -m pytest -m peers tests/peers
 
 # Measurements, not tests: results go to benchmarks/results/*.json (see benchmarks/README.md).
 bench: $(ASSETS_STAMP) $(PEERS_STAMP)

@@ -1,9 +1,27 @@
 """Reading and writing SAE weights, ours and those of the common SAE libraries.
 
-Our banks are saved one seed per directory in the SAELens layout (``cfg.json`` plus
-``sae_weights.safetensors`` with ``W_enc`` [d, n], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d]), so
-SAELens tooling can open them; a ``"paperlib"`` object in ``cfg.json`` keeps our full ``SAEConfig``
-so that ``load_sae`` rebuilds the exact bank.
+Our banks are saved (``save_sae``) one seed per directory in a SAELens-like layout (``cfg.json`` plus
+``sae_weights.safetensors`` with ``W_enc`` [d, n], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d]) that also
+keeps every training buffer (thresholds' running means, dead-latent counters, P-anneal's state) and, in
+a ``"paperlib"`` object of ``cfg.json``, our full ``SAEConfig``, so that ``load_sae`` rebuilds the exact
+bank. SAELens loads state dicts strictly, so it cannot open these; ``export_sae`` writes the inference
+weights alone, in the files SAELens (``SAE.load_from_disk``) or sparsify (``SparseCoder.load_from_disk``)
+load (one way: ``load_sae`` refuses them, ``read_decoder`` reads them). Layouts by architecture:
+
+=====================================  ==============================================  ============
+paperlib architecture                  SAELens 6 (cfg.json ``architecture``)           sparsify 1.3
+=====================================  ==============================================  ============
+``relu``, ``relu_dnorm``, ``panneal``  ``standard``                                    --
+``topk``                               ``topk``                                        ``topk``
+``jumprelu``                           ``jumprelu`` (``threshold`` = exp(log θ))       --
+``batchtopk``, ``matryoshka``          ``jumprelu``, every latent's ``threshold`` the  --
+                                       bank's inference threshold (as SAELens saves
+                                       its own BatchTopK and Matryoshka SAEs)
+``gated``                              ``gated`` (``b_gate`` = our ``b_enc``)          --
+=====================================  ==============================================  ============
+
+Tested (tests/peers, ``make test-peers``) by loading the exports in SAELens 6.54.12 and eai-sparsify
+1.3.3 and comparing their codes and reconstructions with the bank's.
 
 For consistency metrics only the decoder directions matter, and ``read_decoder`` takes them from:
 
@@ -26,6 +44,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -73,14 +92,15 @@ class Decoder:
 # --------------------------------------------------------------------------------------- writing
 
 
-def save_single(bank: SAEBank, path) -> Path:
-    """Write a bank of one into ``path/`` itself (weights first, cfg.json last, each atomically,
-    so a directory with cfg.json always has complete weights)."""
-    if bank.n_seeds != 1:
-        raise ValueError(f"save_single needs a bank of one seed, got {bank.n_seeds}; use save_sae for banks")
-    path, cfg = Path(path), bank.cfg
+def _seed_config(bank: SAEBank, i: int) -> SAEConfig:
+    return dataclasses.replace(bank.cfg, n_seeds=1, seed=bank.cfg.seed + i)
+
+
+def _save_seed(bank: SAEBank, i: int, path: Path) -> Path:
+    """Seed i of the bank, sliced from it directly (``SAEBank.seed`` would rebuild it in float32)."""
+    cfg = _seed_config(bank, i)
     # Every parameter and buffer (thresholds, gates, dead-latent counters), one seed's slice each.
-    tensors = {name: value.detach()[0].cpu().contiguous() for name, value in bank.state_dict().items()}
+    tensors = {name: value.detach()[i].cpu().contiguous() for name, value in bank.state_dict().items()}
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
     meta = {
@@ -98,9 +118,165 @@ def save_single(bank: SAEBank, path) -> Path:
     return path
 
 
+def save_single(bank: SAEBank, path) -> Path:
+    """Write a bank of one into ``path/`` itself (weights first, cfg.json last, each atomically,
+    so a directory with cfg.json always has complete weights)."""
+    if bank.n_seeds != 1:
+        raise ValueError(f"save_single needs a bank of one seed, got {bank.n_seeds}; use save_sae for banks")
+    return _save_seed(bank, 0, Path(path))
+
+
 def save_sae(bank: SAEBank, path) -> list[Path]:
     """Write seed i of the bank to ``path/seed_{i}/`` (its config records seed = cfg.seed + i)."""
-    return [save_single(bank.seed(i), Path(path) / f"seed_{i}") for i in range(bank.n_seeds)]
+    return [_save_seed(bank, i, Path(path) / f"seed_{i}") for i in range(bank.n_seeds)]
+
+
+# ------------------------------------------------------------------------------------- exporting
+
+EXPORT_LAYOUTS = ("saelens", "sparsify")
+# The releases whose on-disk formats export_sae writes and tests/peers loads the exports with.
+SAELENS_VERSION, SPARSIFY_VERSION = "6.54.12", "1.3.3"
+_EXPORTABLE = (
+    "layout='saelens' takes relu, relu_dnorm, panneal, topk, jumprelu, batchtopk, matryoshka and gated; "
+    "layout='sparsify' takes topk; save_sae keeps any bank in paperlib's own layout"
+)
+
+
+def _tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().clone()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _saelens_files(bank: SAEBank, i: int, metadata: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Seed i as the state dict of SAELens's inference class for its architecture (exactly that
+    class's parameters: ``SAE.load_from_disk`` loads strictly) and the ``cfg.json`` SAELens 6 writes."""
+    cfg = _seed_config(bank, i)
+    W_enc, b_enc, W_dec, b_dec = (bank.get_parameter(name)[i] for name in _PARAMS)
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec, "b_enc": b_enc}
+    extra: dict[str, Any] = {}
+    match cfg.architecture:
+        case "relu" | "relu_dnorm" | "panneal":  # ReLU codes: the penalties only shaped training
+            architecture = "standard"
+        case "topk":
+            architecture, extra = "topk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+        case "jumprelu":
+            architecture, tensors["threshold"] = "jumprelu", bank.log_threshold[i].exp()
+        case "batchtopk" | "matryoshka":
+            # At inference a single threshold: relu(pre) where pre > θ, i.e. SAELens's JumpReLU with
+            # every latent's threshold at θ (what SAELens's own BatchTopK/Matryoshka trainers save).
+            if torch.isnan(bank.threshold[i]):
+                raise ValueError(
+                    f"{cfg.architecture} SAE (seed={cfg.seed}) has no inference threshold yet (NaN: set by "
+                    "training), so SAELens's JumpReLU cannot express it; train it before exporting"
+                )
+            architecture, tensors["threshold"] = "jumprelu", bank.threshold[i].expand_as(b_enc)
+        case "gated":
+            architecture = "gated"
+            tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec, "b_gate": b_enc,
+                       "b_mag": bank.b_mag[i], "r_mag": bank.r_mag[i]}
+        case other:
+            raise ValueError(f"{other} SAEs have no SAELens inference class to export to; {_EXPORTABLE}")
+    meta = {
+        "d_in": cfg.d_model,
+        "d_sae": cfg.n_latents,
+        "dtype": _dtype_name(W_dec.dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,  # our encoder reads x - b_dec
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **extra,
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,  # the format; without it SAELens takes the file as pre-6.0
+            "sae_lens_training_version": None,  # not trained by SAELens
+            "training_library": "paperlib",
+            "training_architecture": cfg.architecture,
+            "training_architecture_details": dataclasses.asdict(cfg),
+            **metadata,
+        },
+        "architecture": architecture,
+    }
+    return {name: _tensor(t) for name, t in tensors.items()}, meta
+
+
+def _sparsify_files(bank: SAEBank, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """TopK seed i as sparsify's ``SparseCoder`` state dict (``encoder`` is an ``nn.Linear``, so its
+    weight is our ``W_enc`` transposed) and the ``cfg.json`` of ``SparseCoder.save_to_disk``."""
+    cfg = bank.cfg
+    if cfg.architecture != "topk":
+        raise ValueError(
+            f"sparsify has TopK SAEs only (per-sample top-k of relu(pre)), so a {cfg.architecture} SAE cannot "
+            f"be exported to it; {_EXPORTABLE}"
+        )
+    W_enc, b_enc, W_dec, b_dec = (bank.get_parameter(name)[i] for name in _PARAMS)
+    tensors = {"encoder.weight": W_enc.T, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    meta = {  # SparseCoderConfig's fields, then d_in
+        "activation": "topk",
+        "expansion_factor": max(1, cfg.n_latents // cfg.d_model),  # unused: num_latents takes precedence
+        "normalize_decoder": cfg.decoder == "unit",
+        "num_latents": cfg.n_latents,
+        "k": cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": cfg.d_model,
+    }
+    return {name: _tensor(t) for name, t in tensors.items()}, meta
+
+
+def _export_files(bank: SAEBank, i: int, layout: str, metadata: Mapping[str, Any] | None) -> tuple[str, dict, str]:
+    """(weights file name, tensors, cfg.json text) of seed i: checked and serialised before anything
+    is written."""
+    if layout not in EXPORT_LAYOUTS:
+        hint = "; save_sae writes paperlib's own layout" if layout == "paperlib" else ""
+        raise ValueError(
+            f"unknown export layout {layout!r}: choose 'saelens' (SAELens SAE.load_from_disk) or 'sparsify' "
+            f"(sparsify SparseCoder.load_from_disk){hint}"
+        )
+    if layout == "sparsify":
+        if metadata:
+            raise ValueError("metadata goes into SAELens's cfg.json; sparsify's has no place for it (drop it)")
+        tensors, meta = _sparsify_files(bank, i)
+        name = SPARSIFY_WEIGHTS
+    else:
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValueError(f"metadata must be a mapping (e.g. {{'hook_name': ...}}), got {type(metadata).__name__}")
+        tensors, meta = _saelens_files(bank, i, metadata or {})
+        name = WEIGHTS
+    try:
+        text = json.dumps(meta, indent=1) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-serialisable for cfg.json ({exc})") from exc
+    return name, tensors, text
+
+
+def _write(path: Path, files: tuple[str, dict, str]) -> Path:
+    """Weights first, cfg.json last, each atomically: a directory with cfg.json has complete weights."""
+    name, tensors, text = files
+    with atomic_path(path / name) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(path / CFG) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def export_single(bank: SAEBank, path, layout: str = "saelens", metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a bank of one into ``path/`` in ``layout`` (``"saelens"`` or ``"sparsify"``, see the module
+    docstring): its inference weights, for another library to load. ``metadata`` (SAELens only, e.g.
+    ``{"hook_name": "blocks.3.hook_resid_post", "model_name": "gpt2"}``) goes into cfg.json's
+    ``metadata``, where SAELens looks for the hook. Use ``save_single`` to keep the bank itself."""
+    if bank.n_seeds != 1:
+        raise ValueError(f"export_single needs a bank of one seed, got {bank.n_seeds}; use export_sae for banks")
+    return _write(Path(path), _export_files(bank, 0, layout, metadata))
+
+
+def export_sae(bank: SAEBank, path, layout: str = "saelens", metadata: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write seed i of the bank to ``path/seed_{i}/`` in ``layout`` (as ``export_single``). Every seed
+    is converted before anything is written, so a bank that cannot be exported leaves no files."""
+    files = [_export_files(bank, i, layout, metadata) for i in range(bank.n_seeds)]
+    return [_write(Path(path) / f"seed_{i}", f) for i, f in enumerate(files)]
 
 
 # --------------------------------------------------------------------------------------- reading

@@ -172,7 +172,7 @@ class SAEBank(nn.Module):
         """Seed ``i`` of the bank as a bank of one (a copy, buffers included)."""
         if not 0 <= i < self.n_seeds:
             raise IndexError(f"seed index {i} out of range for a bank of {self.n_seeds} seeds")
-        single = SAEBank(replace(self.cfg, n_seeds=1, seed=self.cfg.seed + i))
+        single = SAEBank(replace(self.cfg, n_seeds=1, seed=self.cfg.seed + i)).to(self.W_dec.dtype)
         single.load_state_dict({name: value[i : i + 1] for name, value in self.state_dict().items()})
         return single.to(self.W_dec.device)
 

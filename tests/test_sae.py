@@ -151,3 +151,13 @@ def test_topk_with_auxk_trains_in_closed_form_exactly_while_no_latent_is_dead(mo
     with pytest.raises(ValueError, match="while latents are dead"):
         fast.loss_and_grads(x[:64], n_rows=64)
     assert not SAEBank(SAEConfig("batchtopk", 16, 64, k=4)).closed_form_now()
+
+
+def test_one_seed_of_a_float64_bank_stays_float64():
+    bank = SAEBank(SAEConfig("jumprelu", 8, 16, n_seeds=3, seed=2)).double()
+    with torch.no_grad():
+        bank.W_dec.add_(1e-12 * torch.randn_like(bank.W_dec))  # below float32's resolution
+    one = bank.seed(1)
+    assert one.W_dec.dtype == torch.float64 and one.cfg.seed == 3
+    for name, value in one.state_dict().items():  # bitwise; an untrained threshold is NaN in both
+        torch.testing.assert_close(value[0], bank.state_dict()[name][1], rtol=0, atol=0, equal_nan=True, msg=name)
