@@ -38,6 +38,7 @@ fields of the wrong type (``True`` for an integer, a string for a number).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
@@ -50,6 +51,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from paperlib import fused
 from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.checks import is_int, is_real
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_precision
@@ -298,11 +300,17 @@ def train(
         record(0)
         if 0 in checkpoints:
             checkpoint(0)
+    # Small SAEs on the fused path: every number of their step is thread-count independent, so the
+    # step runs at whichever thread count is measured fastest (paperlib.fused.step_threads).
+    fused_step = (fused.applies(bank, x) and resolve_precision(cfg.precision, x.device) == "fp32"
+                  and not bank.cfg.aux_coeff)
+    step_key = f"train_{bank.cfg.architecture}_{bank.n_seeds}_{bank.cfg.d_model}_{bank.cfg.n_latents}_{cfg.batch_size}"
     for step in tqdm(range(start + 1, cfg.steps + 1), disable=not progress, desc=bank.cfg.architecture,
                      mininterval=2, initial=start, total=cfg.steps):
         rows = _batch_rows(step, x.shape[0], cfg)
         batch = x if rows is None else x[rows.to(x.device)]
-        _step(bank, optimizer, batch, cfg, step)
+        with fused.step_threads(step_key) if fused_step else contextlib.nullcontext():
+            _step(bank, optimizer, batch, cfg, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record(step)
         if step in checkpoints:

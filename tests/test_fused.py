@@ -208,3 +208,29 @@ def test_thread_chooser_times_real_calls():
     chooser, seen = fused.ThreadChooser(), []
     chooser.run(seen.append)
     assert seen == [torch.get_num_threads()] and chooser.seconds[seen[0]] >= 0
+
+
+@pytest.mark.parametrize("architecture, k", [("relu", None), ("topk", 3)])
+def test_training_at_changing_thread_counts_gives_the_same_bits(monkeypatch, architecture, k):
+    """train() picks each fused step's thread count by timing (fused.step_threads); since every number of
+    such a step is thread-count independent, a run whose count changes every step equals one at one thread."""
+    x = torch.randn(700, 16, generator=torch.Generator().manual_seed(3)).abs()
+    cfg = SAEConfig(architecture, 16, 32, k=k, l1_coeff=1e-2, n_seeds=2, seed=4)
+    schedule = TrainConfig(steps=30, lr=3e-3, batch_size=256, log_every=30)
+    before = torch.get_num_threads()
+    picks = []
+    try:
+        torch.set_num_threads(1)
+        fused._choosers.clear()
+        steady = SAEBank(cfg)
+        train(steady, x, schedule, progress=False)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(fused.ThreadChooser, "pick", lambda self: picks.append(1 + len(picks) % 2) or picks[-1])
+        switching = SAEBank(cfg)
+        train(switching, x, schedule, progress=False)
+    finally:
+        torch.set_num_threads(before)
+        fused._choosers.clear()
+    assert len(picks) >= schedule.steps and set(picks) == {1, 2}  # every step, at one and two threads
+    for name, value in steady.state_dict().items():  # bitwise (an unused threshold is NaN in both)
+        torch.testing.assert_close(value, switching.state_dict()[name], rtol=0, atol=0, equal_nan=True, msg=name)
