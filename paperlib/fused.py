@@ -131,13 +131,15 @@ def sparse_tail(
 
 
 class ThreadChooser:
-    """The thread count of one kernel's calls: each candidate (torch's thread count, halved down to
-    one) is timed, an exponential average of its seconds per call is kept, and the fastest runs;
+    """The thread count of one kernel's (or step's) calls: each candidate (torch's thread count, halved
+    down to one) is timed, an exponential average of its seconds per call is kept, and the current
+    count is left only for one at least ``margin`` faster (timings of sub-millisecond calls are noisy);
     every ``explore_every`` calls another candidate is tried once, so a change of load is noticed."""
 
-    def __init__(self, explore_every: int = 64, smoothing: float = 0.25) -> None:
-        self.explore_every, self.smoothing = explore_every, smoothing
+    def __init__(self, explore_every: int = 64, smoothing: float = 0.25, margin: float = 0.1) -> None:
+        self.explore_every, self.smoothing, self.margin = explore_every, smoothing, margin
         self.seconds: dict[int, float] = {}
+        self.current: int | None = None
         self.calls = 0
 
     def candidates(self) -> list[int]:
@@ -153,11 +155,15 @@ class ThreadChooser:
         untried = [t for t in candidates if t not in self.seconds]
         if untried:
             return untried[0]
+        if self.current not in candidates:
+            self.current = candidates[0]
         best = min(candidates, key=self.seconds.__getitem__)
+        if self.seconds[best] < (1 - self.margin) * self.seconds[self.current]:
+            self.current = best
         if len(candidates) > 1 and self.calls % self.explore_every == 0:
-            others = [t for t in candidates if t != best]
+            others = [t for t in candidates if t != self.current]
             return others[(self.calls // self.explore_every) % len(others)]
-        return best
+        return self.current
 
     def record(self, threads: int, seconds: float) -> None:
         old = self.seconds.get(threads)

@@ -189,7 +189,7 @@ def test_thread_chooser_runs_the_faster_count_and_notices_a_change(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     chooser = fused.ThreadChooser(explore_every=10, smoothing=1.0)
     assert chooser.candidates() == [4, 2, 1]
-    seconds = {4: 1.0, 2: 2.0, 1: 3.0}  # quiet machine: more threads, faster
+    seconds = {4: 1.0, 2: 1.05, 1: 3.0}  # quiet machine: more threads, a little faster (within the margin)
     picked = []
     for _ in range(40):
         threads = chooser.pick()
@@ -202,6 +202,17 @@ def test_thread_chooser_runs_the_faster_count_and_notices_a_change(monkeypatch):
         picked.append(threads)
         chooser.record(threads, seconds[threads])
     assert picked[-20:].count(2) >= 18
+
+
+def test_thread_chooser_keeps_its_count_against_a_rival_within_the_margin(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chooser = fused.ThreadChooser(explore_every=50, smoothing=1.0, margin=0.1)
+    for threads, seconds in ((2, 1.0), (1, 0.95)):  # one thread 5 % faster: noise, not a reason to switch
+        assert chooser.pick() == threads
+        chooser.record(threads, seconds)
+    assert [chooser.pick() for _ in range(3)] == [2, 2, 2]
+    chooser.record(1, 0.8)  # 20 % faster: switch
+    assert chooser.pick() == 1
 
 
 def test_thread_chooser_times_real_calls():
