@@ -55,7 +55,7 @@ def _seconds(product, reps: int = 3) -> float:
 
 
 def measure_onednn_faster() -> bool:
-    """Time MKL (``torch.addmm``) and oneDNN's linear on ``PROBE`` (alternating, best of 3 each)."""
+    """Time oneDNN's linear, then MKL (``torch.addmm``), on ``PROBE`` (best of 3 calls each)."""
     m, k, n = PROBE
     generator = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=generator) for shape in ((m, k), (k, n), (n,)))
