@@ -406,11 +406,12 @@ def match(a, b, *, signed: bool = True, device: str | None = None, top_c: int = 
 
     Rows are normalised here; ``signed=False`` uses ``|cos|``. Below ``dense_limit``
     on both sides the dense float64 scipy solver is used; otherwise the certified
-    sparse method of the module docstring. ``device`` is where the scan matmuls run.
+    sparse method of the module docstring. ``device`` is where the scan matmuls run (default
+    ``paperlib.device()``: the GPU when present; the dense path always runs on the CPU).
     """
     t0 = time.perf_counter()
     # checked even where the dense path ignores it, so a device this machine lacks is never accepted silently
-    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     x, y = _unit(a, "a"), _unit(b, "b")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"dimension mismatch: a has d={x.shape[1]}, b has d={y.shape[1]}")

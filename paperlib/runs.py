@@ -65,16 +65,18 @@ def trained_bank(
     """The bank trained on ``data`` with ``schedule``, from the cache when it was trained before.
 
     ``callbacks`` are logged like ``train``'s; they are not part of the key, so a cached run keeps
-    the columns it was first trained with. Training runs on ``device`` (default: CPU)."""
-    target = resolve_device(device or "cpu", "device")  # refused before any data is read, not mid-run
+    the columns it was first trained with. Training runs on ``device`` (default ``paperlib.device()``,
+    see ``paperlib.train``); the device type is part of the key (a GPU run rounds differently from a
+    CPU one), and the bank comes back on the CPU."""
+    target = resolve_device(device, "device")  # refused before any data is read, not mid-run
     store = store or Store()
-    config = {"data": data_key, "sae": sae, "train": schedule}
+    config = {"data": data_key, "sae": sae, "train": schedule, "device": target.type}
     key = store.path(namespace, config).name
 
     def compute():
         x = data() if callable(data) else data
-        bank = SAEBank(sae).to(target)
-        history = train(bank, x, schedule, callbacks=callbacks, progress=progress)
+        bank = SAEBank(sae)
+        history = train(bank, x, schedule, callbacks=callbacks, progress=progress, device=target)
         return _pack(bank.cpu(), history.columns, history.checkpoints), {"architecture": sae.architecture}
 
     entry = store.cached(namespace, config, compute)

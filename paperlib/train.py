@@ -31,7 +31,13 @@ diverges but stays finite ends with a ``RuntimeWarning``: for some seed the last
 than ``DIVERGED_LOSS_RATIO`` (2) times the first and the last FVU is above 1 (worse than predicting
 the mean); a run that learns never meets both.
 
-``x`` is a float tensor or a numpy array (converted, on the bank's device) of shape
+Where training runs, one rule for every entry point (``train`` and the cached runs built on it:
+``runs.trained_bank``, ``zoo_runs.zoo_run``, ``family.train_family``, ``meta.train_meta_sae``): on
+``device`` when the caller names one, else on ``paperlib.device()`` (``PAPERLIB_DEVICE`` if set, else
+CUDA when present, else CPU). ``train`` moves the bank there in place and leaves it there, like
+``Module.to``; the cached entry points hand their banks back on the CPU.
+
+``x`` is a float tensor or a numpy array (converted, on the training device) of shape
 [n_rows >= 1, d_model]; anything else is refused before training starts, as are configuration
 fields of the wrong type (``True`` for an integer, a string for a number).
 """
@@ -54,7 +60,7 @@ from tqdm.auto import tqdm
 from paperlib import fused
 from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.checks import is_int, is_real
-from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_precision
+from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_device, resolve_precision
 from paperlib.sae import SAEBank
 from paperlib.store import jsonable
 
@@ -259,10 +265,14 @@ def train(
     cfg: TrainConfig,
     callbacks: Mapping[str, Callback] | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> History:
-    """Train every seed of ``bank`` on rows of ``x`` with Adam; returns the logged ``History``."""
+    """Train every seed of ``bank`` on rows of ``x`` with Adam; returns the logged ``History``.
+    ``device``: where (default ``paperlib.device()``); the bank is moved there and stays there."""
+    target = resolve_device(device, "device")  # refused before the data is read
     x = _as_data(x, bank)
-    x = x.to(bank.W_dec.device, torch.float32)
+    bank.to(target)
+    x = x.to(target, torch.float32)
     if resolve_precision(cfg.precision, x.device) == "bf16" and x.device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
                       "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here")
