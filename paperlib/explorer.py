@@ -65,8 +65,9 @@ function link(text, go) { const a = el('a', text); a.onclick = go; return a; }
 function neighbours(list) {
   return table(['SAE', 'latent', 'cosine', 'label'], list.map(n => [n.sae, String(n.latent), n.cos.toFixed(3), n.label]));
 }
+let current;  // the latent shown, kept highlighted when the filter redraws the list
 function showLatent(id) {
-  const l = byId.get(id), m = document.getElementById('main'); m.replaceChildren();
+  const l = byId.get(id), m = document.getElementById('main'); m.replaceChildren(); current = id;
   document.querySelectorAll('#list div').forEach(d => d.classList.toggle('on', d.dataset.id == String(id)));
   const h = el('h1', 'latent ' + l.id + ': ' + l.label); (l.tags || []).forEach(t => h.append(el('span', t, 'tag'))); m.append(h);
   m.append(el('div', 'fires on ' + pct(l.frequency) + ' of held-out tokens' + (l.cosine === undefined || l.cosine === null ? '' : '; meta-SAE reconstruction cosine ' + l.cosine.toFixed(3)), 'note'));
@@ -87,7 +88,7 @@ function showMeta(k) {
 function fill(filter) {
   const list = document.getElementById('list'); list.replaceChildren(); const f = filter.toLowerCase();
   D.latents.filter(l => !f || (l.id + ' ' + l.label + ' ' + (l.tags || []).join(' ')).toLowerCase().includes(f)).forEach(l => {
-    const d = el('div', l.id + ' \u00b7 ' + l.label + ' \u00b7 ' + pct(l.frequency)); d.dataset.id = l.id; d.onclick = () => showLatent(l.id); list.append(d); });
+    const d = el('div', l.id + ' \u00b7 ' + l.label + ' \u00b7 ' + pct(l.frequency)); d.dataset.id = l.id; if (l.id === current) d.className = 'on'; d.onclick = () => showLatent(l.id); list.append(d); });
 }
 document.getElementById('filter').oninput = e => fill(e.target.value);
 fill(''); if (D.latents.length) showLatent(D.latents[0].id);
@@ -160,7 +161,9 @@ def write_explorer(path: str | Path, title: str, notes: str, latents: Sequence[M
     """Write the explorer page to ``path`` atomically (see the module docstring for the schema);
     ``notes`` is shown under the title as plain text (what the SAEs are, how the page was made)."""
     data = _check(latents, meta_latents or {})
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    # Every "<" as \u003c: "</script>" would end the data block early, and "<!--<script>" would make the
+    # HTML parser swallow the page's own script (a blank page); "<" only occurs inside JSON strings.
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head>\n<body><div id=\"side\"><div style=\"padding:8px\"><b>{html.escape(title)}</b>"
             f"<div class=\"note\">{html.escape(notes)}</div></div><input id=\"filter\" placeholder=\"filter: id, token, tag\">"
