@@ -1,7 +1,7 @@
 """Has an SAE converged? The criterion the LLM notebooks hold their runs to, and how it is measured.
 
 A run is called converged when **doubling its training tokens changes PW-MCC by less than 0.01
-(absolute) and FVU by less than 1 % (relative)**. Two ways to see a doubling:
+(absolute) and FVU by less than 1 % (relative)**. Three ways to see a doubling:
 
 * ``last_doubling``: inside one run, from what every LLM run already records — PW-MCC of the
   decoder snapshots at half and at all of its steps, FVU logged at the same two steps (training
@@ -11,16 +11,19 @@ A run is called converged when **doubling its training tokens changes PW-MCC by 
 * ``logged_doubling``: the same from a history whose callbacks log PW-MCC (the organism
   notebooks 01-05; at their constant rate a plain doubling, 05's final decay as above).
 * ``doubling_study``: separate runs, each with the whole schedule (warm-up, decay) at its own
-  budget, over a doubling grid of tokens, measured on held-out rows. This is what chose the
-  default schedule (notebook 06, "Convergence").
+  budget, over a doubling grid of tokens, measured on held-out rows; ``study_doublings`` applies
+  the criterion to each of its doublings, ``study_convergence`` to the last. Notebook 11 runs it
+  for four architectures of notebook 06 and plots it.
 
-Both report the same ``Convergence`` record, which the notebooks put in their JSON.
+All three report the same ``Convergence`` record, which the notebooks put in their JSON.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -165,6 +168,7 @@ class StudyPoint:
     l0: float
     dead_held_out: float
     cosine_to_init: float
+    seconds: float = float("nan")  # wall time of training (or loading from the cache) and measuring this budget
 
 
 def doubling_study(train_run, schedule: TrainConfig, token_grid: Sequence[int], x_eval: torch.Tensor
@@ -176,6 +180,7 @@ def doubling_study(train_run, schedule: TrainConfig, token_grid: Sequence[int], 
         raise ValueError("doubling_study needs a mini-batch schedule (batch_size set)")
     points = []
     for tokens in token_grid:
+        start = time.perf_counter()
         steps = max(1, round(tokens / schedule.batch_size))
         run = train_run(replace(schedule, steps=steps, log_every=max(1, round(steps / 2))))  # as llm_schedule
         bank = run.bank
@@ -183,13 +188,20 @@ def doubling_study(train_run, schedule: TrainConfig, token_grid: Sequence[int], 
         pw = pw_mcc(bank.decoder_directions())
         dead = (firing_rates(bank, x_eval) == 0).float().mean(-1)
         points.append(StudyPoint(steps * schedule.batch_size, steps, pw.mean, pw.std, float(metrics["fvu"].mean()),
-                                 float(metrics["l0"].mean()), float(dead.mean()), decoder_cosine_to_init(run)))
+                                 float(metrics["l0"].mean()), float(dead.mean()), decoder_cosine_to_init(run),
+                                 time.perf_counter() - start))
     return points
+
+
+def study_doublings(points: Sequence[StudyPoint]) -> list[Convergence]:
+    """The criterion over every step of a study, smallest budget first: where the changes shrink
+    towards the tolerances shows how far the plateau is, which the last doubling alone does not."""
+    if len(points) < 2:
+        raise ValueError(f"a doubling study needs at least two budgets, got {len(points)}")
+    ordered = sorted(points, key=lambda p: p.tokens)
+    return [Convergence((a.tokens, b.tokens), (a.pw_mcc, b.pw_mcc), (a.fvu, b.fvu)) for a, b in pairwise(ordered)]
 
 
 def study_convergence(points: Sequence[StudyPoint]) -> Convergence:
     """The criterion over the last doubling of a study (its two largest budgets)."""
-    if len(points) < 2:
-        raise ValueError(f"a doubling study needs at least two budgets, got {len(points)}")
-    a, b = sorted(points, key=lambda p: p.tokens)[-2:]
-    return Convergence((a.tokens, b.tokens), (a.pw_mcc, b.pw_mcc), (a.fvu, b.fvu))
+    return study_doublings(points)[-1]

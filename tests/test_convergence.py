@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from paperlib.consistency import pw_mcc
-from paperlib.convergence import (Convergence, decoder_cosine_to_init, doubling_study, last_doubling, logged_doubling,
-                                  not_converged,
-                                  report, study_convergence)
+from paperlib.convergence import (Convergence, StudyPoint, decoder_cosine_to_init, doubling_study, last_doubling,
+                                  logged_doubling, not_converged, report, study_convergence, study_doublings)
 from paperlib.runs import trained_bank
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store
@@ -105,9 +104,26 @@ def test_doubling_study_trains_one_run_per_budget_and_measures_held_out(tmp_path
     for p in points:
         assert 0 < p.fvu < 1.5 and 0 <= p.dead_held_out <= 1 and -1 <= p.cosine_to_init <= 1
         assert p.l0 == pytest.approx(2, abs=0.01)
+        assert p.seconds >= 0
     assert points[-1].cosine_to_init < 1 - 1e-3  # training moved the decoder
     report = study_convergence(points[::-1])  # order does not matter: the two largest budgets
     assert report.tokens == (1280, 2560) and report.fvu == (points[1].fvu, points[2].fvu)
+
+
+def point(tokens: int, pw: float, fvu: float) -> StudyPoint:
+    return StudyPoint(tokens, tokens // 8, pw, 0.0, fvu, 32.0, 0.0, 0.5)
+
+
+def test_study_doublings_applies_the_criterion_to_every_doubling_in_token_order():
+    points = [point(4000, 0.795, 0.1990), point(1000, 0.60, 0.25), point(2000, 0.78, 0.2000)]
+    doublings = study_doublings(points)
+    assert [d.tokens for d in doublings] == [(1000, 2000), (2000, 4000)]
+    assert doublings[0].pw_mcc == (0.60, 0.78) and not doublings[0].converged
+    assert doublings[1].pw_mcc_change == pytest.approx(0.015) and not doublings[1].converged  # FVU -0.5 %, PW-MCC not
+    assert study_convergence(points) == doublings[-1]
+    assert study_doublings([point(1000, 0.5, 0.2), point(2000, 0.505, 0.199)])[0].converged
+    with pytest.raises(ValueError, match="at least two budgets"):
+        study_doublings(points[:1])
 
 
 def test_an_untrained_decoder_is_at_cosine_one_to_its_initialisation(tmp_path):

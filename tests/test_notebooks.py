@@ -58,14 +58,14 @@ def test_every_profile_yaml_belongs_to_a_notebook():
     assert not orphans, f"profile files without a notebook: {orphans}"
 
 
-# Notebooks 07-10 reuse notebook 06's activations and SAE runs from the cache (08-10 share their own): a key they
+# Notebooks 07-11 reuse notebook 06's activations and SAE runs from the cache (08-10 share their own): a key they
 # both set must agree, or the later notebook silently extracts and trains its own copies. Per profile, which
-# notebooks share: in smoke and default all LLM notebooks read the same activations; at paper scale 06-07 follow
-# paper A (Pythia, the Pile) and 08-10 paper B (GPT-2, OpenWebText).
+# notebooks share: in smoke and default all LLM notebooks read the same activations; at paper scale 06, 07 and 11
+# follow paper A (Pythia, the Pile) and 08-10 paper B (GPT-2, OpenWebText).
 SHARING = {
-    "smoke": [("06", "07", "08", "09", "10")],
-    "default": [("06", "07", "08", "09", "10")],
-    "paper": [("06", "07"), ("08", "09", "10")],
+    "smoke": [("06", "07", "08", "09", "10", "11")],
+    "default": [("06", "07", "08", "09", "10", "11")],
+    "paper": [("06", "07", "11"), ("08", "09", "10")],
 }
 OWN_KEYS = {"profile", "architectures", "n_boot", "n_examples", "n_top", "chance_samples"}  # per notebook by design
 
