@@ -2,6 +2,7 @@
 #   make figures [PROFILE=smoke|default|paper]   regenerate every figure of a profile
 #   make test                                     the whole test suite (unit tests + notebooks via nbval)
 #   make test-peers                               exports loaded back by the real SAELens and sparsify
+#   make browser                                  playwright + Debian's chromium for the explorer page's browser test
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 
@@ -24,7 +25,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 LIBRARY := $(wildcard paperlib/*.py paperlib/*.cpp)
 
-.PHONY: setup assets figures test test-integration test-peers lab bench lock clean clean-cache
+.PHONY: setup assets browser figures test test-integration test-peers lab bench lock clean clean-cache
 
 setup: $(SETUP_STAMP)
 assets: $(ASSETS_STAMP)
@@ -55,7 +56,25 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE)/%.yaml $(LIBRARY
 AFTER_06 := $(filter-out $(foreach n,01 02 03 04 05 06,build/$(PROFILE)/$(n)_%),$(EXECUTED))
 $(AFTER_06): build/$(PROFILE)/06_llm_consistency.ipynb
 
-test: $(ASSETS_STAMP)
+# The explorer page's real-browser test (tests/test_explorer_browser.py): playwright from PyPI driving
+# Debian's chromium (playwright's own browser download is not reachable here). chromium is installed only
+# when missing and apt-get can run as root (about 35 s with apt-get update); otherwise the test skips and says why.
+BROWSER_STAMP := $(VENV)/.browser-stamp
+
+$(BROWSER_STAMP): $(ASSETS_STAMP) $(CONSTRAINTS)  # after the assets: never two pips at once under make -j
+	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[browser]'
+	touch $@
+
+browser: $(BROWSER_STAMP)
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for tests/test_explorer_browser.py"; \
+	  { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
+	    || echo "warning: apt-get could not install chromium: tests/test_explorer_browser.py will skip"; \
+	else echo "note: no chromium (apt-get install chromium as root): tests/test_explorer_browser.py will skip"; fi
+
+test: $(ASSETS_STAMP) browser
 	$(PY) -m pytest
 
 # Slow tests against real servers on loopback (e.g. the OpenAI-compatible explainer endpoint).
@@ -94,7 +113,7 @@ bench: $(ASSETS_STAMP) $(PEERS_STAMP)
 	@set -e; for script in $(sort $(wildcard benchmarks/*.py)); do echo "== $$script"; $(PY) $$script; done
 
 # Rewrite the constraints file from the current environment (after changing pyproject.toml).
-lock: $(SETUP_STAMP)
+lock: $(BROWSER_STAMP)  # with every extra make test installs, or their pins would be dropped
 	{ sed -n '1,3p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
@@ -104,3 +123,10 @@ clean:
 
 clean-cache:
 	rm -rf data/cache
+
+# Only on a machine with a GPU (a device session, benchmarks/README.md): the CUDA tests, the training benchmark
+# --device cuda and the default notebooks, each time-boxed, results under $OUT (or GPU_CHECK_OUT). It runs the
+# machine's own python3 (CUDA torch), not the venv, so it needs nothing above; without a GPU it stops at once.
+.PHONY: gpu-check
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_OUT)
