@@ -67,3 +67,37 @@ def test_an_unavailable_device_is_refused_before_the_data_is_read(store):
     with pytest.raises(ValueError, match="cuda is not available on this machine"):
         trained_bank(untouchable, "x", SAEConfig("topk", 8, 16, k=2), TrainConfig(steps=2), store=store,
                      device="cuda", progress=False)
+
+
+def test_massive_rows_are_left_out_of_training_and_the_filter_is_checked():
+    from paperlib.runs import without_massive_rows
+
+    x = data()
+    x[[5, 300]] *= 50  # ~50x the median norm: "massive activations"
+    with pytest.warns(RuntimeWarning, match="left out 2 of 512 training rows whose norm exceeds 10x the median"):
+        kept = without_massive_rows(x)
+    torch.testing.assert_close(kept, x[[i for i in range(512) if i not in (5, 300)]])
+    assert without_massive_rows(x, None) is x
+    assert without_massive_rows(x, 100.0).shape == x.shape  # 50x stays under 100x
+    for bad in (1.0, 0.5, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="max_norm_factor must be a number > 1"):
+            without_massive_rows(x, bad)
+
+
+def test_an_activation_run_trains_without_the_massive_rows(store):
+    from paperlib.family import MemoryActivations
+    from paperlib.runs import activation_run
+
+    x = data()
+    x[7] *= 50
+    acts = MemoryActivations(x)
+    sae, schedule = SAEConfig("topk", d_model=8, n_latents=16, k=2), TrainConfig(steps=4, lr=1e-2, batch_size=64)
+    with pytest.warns(RuntimeWarning, match="left out 1 of 448"):
+        filtered = activation_run(acts, sae, schedule, eval_rows=64, store=store, progress=False)
+    clean = torch.cat([x[:7], x[8:448]])
+    expected = trained_bank(clean, "expected", sae, schedule, store=store, progress=False)
+    torch.testing.assert_close(filtered.bank.W_dec, expected.bank.W_dec)
+    kept_all = activation_run(acts, sae, schedule, eval_rows=64, store=store, max_norm_factor=None, progress=False)
+    assert kept_all.key != filtered.key
+    with pytest.raises(ValueError, match="max_norm_factor"):
+        activation_run(acts, sae, schedule, eval_rows=64, store=store, max_norm_factor=0, progress=False)
