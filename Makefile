@@ -75,6 +75,7 @@ browser: $(BROWSER_STAMP)
 	else echo "note: no chromium (apt-get install chromium as root): tests/test_explorer_browser.py will skip"; fi
 
 test: $(ASSETS_STAMP) browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 # Slow tests against real servers on loopback (e.g. the OpenAI-compatible explainer endpoint).

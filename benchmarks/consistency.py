@@ -8,8 +8,8 @@ which includes the interpreter and the 2 x n x d x 4 bytes of loaded data;
 ``rss_after_load_gb`` is reported too). Dense solvers are skipped, with the reason recorded, when the n x n float64 cost
 matrix would exceed ``--max-dense-gb`` or the package is not importable. ``lap`` and
 ``lapjv`` are looked up in ``--peer-python`` (default: the peers' own virtual environment
-``benchmarks/.venv-peers``, which ``make bench`` creates), scipy and paperlib in this interpreter. Results are written atomically after
-every measurement.
+``benchmarks/.venv-peers``, which ``make bench`` creates), scipy and paperlib in this interpreter.
+Results are written atomically after every measurement.
 """
 from __future__ import annotations
 
@@ -183,8 +183,11 @@ def main() -> None:
     envs = {"main": _run(sys.executable, ["--_probe"], 120),
             "peer": _run(args.peer_python, ["--_probe"], 120)}
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
-              "machine": _machine(), "environments": {"main": "this environment", "peer": "peers' environment" if args.peer_python != sys.executable else "this environment",
-                                                      "versions": envs},
+              "machine": _machine(),
+              "environments": {"main": "this environment",
+                               "peer": ("peers' environment" if args.peer_python != sys.executable
+                                        else "this environment"),
+                               "versions": envs},
               "measurements": []}
     _write(args.out, result)
     for n in args.sizes:

@@ -73,7 +73,7 @@ def _measure(architecture: str, d: int, n: int, k: int | None, rows: int, seeds:
     for path, flag in (("fused", "1"), ("torch", "0")):
         os.environ["PAPERLIB_FUSED"] = flag
         bank = SAEBank(config)
-        step = _median_seconds(lambda: bank.loss_and_grads(x, rows), repeats)
+        step = _median_seconds(lambda bank=bank: bank.loss_and_grads(x, rows), repeats)
         train(SAEBank(config), x, TrainConfig(steps=2, log_every=2), progress=False)  # first-call costs
         schedule = TrainConfig(steps=train_steps, lr=1e-4, log_every=train_steps)
         t0 = time.perf_counter()

@@ -92,8 +92,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_DIR = ROOT / "benchmarks" / ".venv-peers-train"
@@ -309,7 +310,7 @@ def _gpu_info(dev: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- child side
-def _batches(x: "Any", steps: int, start: int = 0) -> list:
+def _batches(x: Any, steps: int, start: int = 0) -> list:
     """Consecutive batches of BATCH rows, cycling through x (contiguous slices, no copies)."""
     per_epoch = x.shape[0] // BATCH
     return [x[((start + i) % per_epoch) * BATCH : ((start + i) % per_epoch + 1) * BATCH] for i in range(steps)]
@@ -342,7 +343,8 @@ def _time_loop(step: Callable[[int, Any], None], x: Any, warmup: int, steps: int
     return result
 
 
-def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32", aux_coeff: float = 0.0) -> dict[str, Any]:
+def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32",
+                    aux_coeff: float = 0.0) -> dict[str, Any]:
     import warnings
 
     sys.path.insert(0, str(ROOT))
@@ -577,7 +579,8 @@ def _ensure_peer(peer: str) -> dict[str, Any]:
     venv = PEERS_DIR / peer
     stamp = venv / ".bench-stamp.json"
     key = hashlib.sha256(REQUIREMENTS.read_bytes() + peer.encode()).hexdigest()
-    info: dict[str, Any] = {"venv": venv.relative_to(ROOT).as_posix(), "requirements": REQUIREMENTS.relative_to(ROOT).as_posix()}
+    info: dict[str, Any] = {"venv": venv.relative_to(ROOT).as_posix(),
+                            "requirements": REQUIREMENTS.relative_to(ROOT).as_posix()}
     if stamp.exists():
         try:
             saved = json.loads(stamp.read_text())
@@ -990,14 +993,16 @@ def main() -> None:
         "argv": [_sanitize(a) for a in sys.argv[1:]],
         "paperlib_commit": _git_commit(),
         "machine": _machine(),
-        "config": {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR, "dtype": "float32 (paperlib-bf16: bf16 matmul inputs)",
+        "config": {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR,
+                   "dtype": "float32 (paperlib-bf16: bf16 matmul inputs)",
                    "device": "cpu", "data": f"{DATA_BATCHES * BATCH} rows per size: Gaussian, rank-{DATA_RANK} "
-                   f"structure (log-spaced variances 10..0.1) + N(0, 0.3^2) noise + a random offset, seed {DATA_SEED}+d",
+                   "structure (log-spaced variances 10..0.1) + N(0, 0.3^2) noise + a random offset, "
+                   f"seed {DATA_SEED}+d",
                    "paperlib": "SAEConfig('topk', k=32, decoder='unit', reconstruction='sum'), "
                    "train(..., TrainConfig(lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096))",
                    "tokens_per_s_per_sae": "steps * batch / seconds (a bank of S seeds: every seed sees every token)",
-                   "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of the faster of torch.matmul and oneDNN's "
-                   "linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16"},
+                   "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of the faster of torch.matmul and "
+                   "oneDNN's linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16"},
         "peers": {},
         "measurements": [],
         "skipped": [],
@@ -1008,7 +1013,8 @@ def main() -> None:
 
     for peer in args.peers:
         result["peers"][peer] = info = _ensure_peer(peer)
-        print(f"   {peer}: {info['status']}" + (f" in {info['install_seconds']:.0f} s" if info.get("install_seconds") else "")
+        print(f"   {peer}: {info['status']}"
+              + (f" in {info['install_seconds']:.0f} s" if info.get("install_seconds") else "")
               + (f" ({info['reason']})" if info.get("reason") else ""), flush=True)
     _write(out_path, result)
 
@@ -1029,7 +1035,8 @@ def main() -> None:
             if bf16_gflops:
                 result["machine"]["matmul_gflops"][size_key]["bf16_gflops"] = round(bf16_gflops, 1)
             print(f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul {gflops:.0f} GFLOP/s (torch), "
-                  f"{onednn_gflops or float('nan'):.0f} (oneDNN) -> roofline {roofline:.0f} tok/s; data sha256 {digest}",
+                  f"{onednn_gflops or float('nan'):.0f} (oneDNN) -> roofline {roofline:.0f} tok/s; "
+                  f"data sha256 {digest}",
                   flush=True)
             size_meas: dict[str, Any] = {}
 
@@ -1051,8 +1058,8 @@ def main() -> None:
                 child = _run_child(python, name, d, n, steps, warmup, data, args.child_timeout, **kw)
                 rate = child.get("matmul_gflops_after")
                 if "error" not in child and rate is not None and rate < CONTENDED * reference:
-                    print(f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: the CPU was "
-                          "shared; waiting for a quieter moment and measuring again", flush=True)
+                    print(f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: "
+                          "the CPU was shared; waiting for a quieter moment and measuring again", flush=True)
                     _wait_for_quiet()
                     retry = _run_child(python, name, d, n, steps, warmup, data, args.child_timeout, **kw)
                     if "error" not in retry:
@@ -1096,7 +1103,8 @@ def main() -> None:
                     skip(peer, child["error"], detail=child.get("traceback") or child.get("stderr"))
                     continue
                 extra = {k: v for k, v in child.items() if k not in (
-                    "seconds", "warmup_seconds", "loadavg_before", "loadavg_after", "version", "torch", "process_wall_seconds")}
+                    "seconds", "warmup_seconds", "loadavg_before", "loadavg_after", "version", "torch",
+                    "process_wall_seconds")}
                 extra["peer_torch"] = child["torch"]
                 record(_measurement(peer, child["version"], d, n, 1, steps, roofline, child, extra), peer)
 
@@ -1111,7 +1119,8 @@ def main() -> None:
                     best = max(peers, key=lambda m: m["tokens_per_s_per_sae"])
                     ratios["fastest_peer"] = best["library"]
                     ratios["paperlib_over_fastest_peer"] = round(ours / best["tokens_per_s_per_sae"], 3)
-                    ratios["paperlib_over_each_peer"] = {m["library"]: round(ours / m["tokens_per_s_per_sae"], 3) for m in peers}
+                    ratios["paperlib_over_each_peer"] = {m["library"]: round(ours / m["tokens_per_s_per_sae"], 3)
+                                                         for m in peers}
                     if bank:
                         ratios[f"paperlib_bank{BANK_SEEDS}_aggregate_over_fastest_peer"] = round(
                             bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3)
@@ -1125,12 +1134,14 @@ def main() -> None:
                     separate = sum(m["seconds"] for m in singles)
                     ratios[f"together_over_separate_{BANK_SEEDS}"] = round(separate / bank["seconds"], 3)
                     ratios[f"together_over_separate_{BANK_SEEDS}_with_warmup"] = round(
-                        (separate + sum(m["warmup_seconds"] for m in singles)) / (bank["seconds"] + bank["warmup_seconds"]), 3)
+                        (separate + sum(m["warmup_seconds"] for m in singles))
+                        / (bank["seconds"] + bank["warmup_seconds"]), 3)
                     ratios["together_over_separate_definition"] = (
                         f"sum of the {BANK_SEEDS} single-seed runs' seconds / the {BANK_SEEDS}-seed bank's seconds "
                         "(same steps; = aggregate throughput ratio)")
             result["ratios"][size_key] = ratios
-            print(f"   ratios: {json.dumps({k: v for k, v in ratios.items() if not k.endswith('definition')})}", flush=True)
+            print(f"   ratios: {json.dumps({k: v for k, v in ratios.items() if not k.endswith('definition')})}",
+                  flush=True)
             _write(out_path, result)
 
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)

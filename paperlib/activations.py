@@ -53,9 +53,10 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -324,7 +325,9 @@ def _read_journal(path: Path) -> dict:
     if problem is None and journal.get("sha256") != _content_sha(journal):
         problem = "does not match its own hash (it was edited, damaged or written by an older paperlib)"
     if problem:
-        warnings.warn(f"activation cache {path}: {_PROGRESS} {problem}; ignoring it and extracting every shard")
+        # stacklevel: _read_journal <- _extract <- load_activations <- the user's call
+        warnings.warn(f"activation cache {path}: {_PROGRESS} {problem}; ignoring it and extracting every shard",
+                      stacklevel=4)
         return {}
     return journal
 
@@ -373,12 +376,13 @@ def _problems(path: Path, manifest: dict, hashes: bool, shards: list[int] | None
 
 def _demote(path: Path, manifest: dict, problems: dict) -> None:
     """Turn a damaged complete entry back into a journal without the bad shards (or delete it)."""
+    # stacklevel 4 in both warnings: _demote <- _ready <- load_activations <- the user's call
     if "all" in problems:
-        warnings.warn(f"activation cache {path} is corrupt: {problems['all']}; re-extracting it")
+        warnings.warn(f"activation cache {path} is corrupt: {problems['all']}; re-extracting it", stacklevel=4)
         shutil.rmtree(path, ignore_errors=True)
         return
     for i, why in problems.items():
-        warnings.warn(f"activation cache {path}: shard {i} {why}; re-extracting that shard")
+        warnings.warn(f"activation cache {path}: shard {i} {why}; re-extracting that shard", stacklevel=4)
     done = {k: v for k, v in manifest["done"].items() if int(k) not in problems}
     write_text(path / _PROGRESS, json.dumps(_seal({"format": _FORMAT, "plan": manifest["plan"], "done": done})))
     (path / _MANIFEST).unlink(missing_ok=True)

@@ -43,7 +43,8 @@ def capacity_exponent(counts: np.ndarray, p: np.ndarray) -> float:
     counts = np.asarray(counts, dtype=float).reshape(-1, len(p)).sum(0)
     log_p = np.log(np.asarray(p, dtype=float))
     if (counts < 0).any() or counts.sum() == 0:
-        raise ValueError(f"capacity_exponent needs non-negative latent counts per group with at least one latent, got {counts}")
+        raise ValueError("capacity_exponent needs non-negative latent counts per group with at least one latent, "
+                         f"got {counts}")
     if np.ptp(log_p) == 0:
         raise ValueError("capacity_exponent needs groups of different probabilities")
     target = float(counts @ log_p / counts.sum())

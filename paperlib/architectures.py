@@ -119,25 +119,25 @@ class Architecture:
     inference_differs: ClassVar[bool] = False
 
     @staticmethod
-    def extra_parameters(bank: "SAEBank") -> dict[str, Tensor]:
+    def extra_parameters(bank: SAEBank) -> dict[str, Tensor]:
         return {}
 
     @staticmethod
-    def extra_buffers(bank: "SAEBank") -> dict[str, Tensor]:
+    def extra_buffers(bank: SAEBank) -> dict[str, Tensor]:
         """State [S, ...] the architecture keeps besides its parameters (saved with the bank)."""
         return {}
 
     @staticmethod
-    def at_step(bank: "SAEBank", step: int, steps: int) -> None:
+    def at_step(bank: SAEBank, step: int, steps: int) -> None:
         """Called by the trainer before the loss of ``step`` (1-based) of ``steps``: schedules that
         depend on training progress (P-anneal's exponent) update the bank's buffers here."""
 
     @staticmethod
-    def encode(bank: "SAEBank", x: Tensor, pre: Tensor, training: bool) -> Tensor:
+    def encode(bank: SAEBank, x: Tensor, pre: Tensor, training: bool) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
-    def penalties(bank: "SAEBank", x: Tensor, pre: Tensor, codes: Tensor) -> dict[str, Tensor]:
+    def penalties(bank: SAEBank, x: Tensor, pre: Tensor, codes: Tensor) -> dict[str, Tensor]:
         """Loss terms [S] beyond reconstruction, already weighted by their coefficients."""
         return {"l1": bank.cfg.l1_coeff * codes.sum(-1).mean(-1)} if bank.cfg.l1_coeff else {}
 
@@ -147,7 +147,7 @@ class Architecture:
         raise NotImplementedError
 
     @staticmethod
-    def observe(bank: "SAEBank", codes: Tensor) -> None:
+    def observe(bank: SAEBank, codes: Tensor) -> None:
         """Update running statistics from a training batch's codes (called once per step)."""
 
 
@@ -291,7 +291,8 @@ class JumpReLU(Architecture):
     @staticmethod
     def extra_parameters(bank):
         cfg = bank.cfg
-        return {"log_threshold": torch.full((cfg.n_seeds, cfg.n_latents), float(torch.tensor(cfg.init_threshold).log()))}
+        return {"log_threshold": torch.full((cfg.n_seeds, cfg.n_latents),
+                                            float(torch.tensor(cfg.init_threshold).log()))}
 
     @staticmethod
     def encode(bank, x, pre, training):
@@ -351,7 +352,7 @@ class PAnneal(ReLU):
         }
 
     @staticmethod
-    def update_steps(cfg: "SAEConfig", steps: int) -> list[int]:
+    def update_steps(cfg: SAEConfig, steps: int) -> list[int]:
         """The step after which each of the ``p_updates`` schedule points takes effect: evenly
         spaced from ``anneal_start`` to the end of training. The last one is ``steps`` itself, so
         it never does (the reference excludes p_end the same way)."""
@@ -359,18 +360,18 @@ class PAnneal(ReLU):
         return [round((start + j * (1 - start) / (n - 1)) * steps) for j in range(n)]
 
     @classmethod
-    def updates_before(cls, cfg: "SAEConfig", step: int, steps: int) -> int:
+    def updates_before(cls, cfg: SAEConfig, step: int, steps: int) -> int:
         """How many schedule points have taken effect at ``step`` (1-based) of ``steps``."""
         return sum(u < step for u in cls.update_steps(cfg, steps))
 
     @staticmethod
-    def exponent(cfg: "SAEConfig", updates: int) -> float:
+    def exponent(cfg: SAEConfig, updates: int) -> float:
         """p once ``updates`` schedule points have taken effect (0 and 1 both give p_start)."""
         j = min(max(updates - 1, 0), cfg.p_updates - 1)
         return cfg.p_start + j * (cfg.p_end - cfg.p_start) / (cfg.p_updates - 1)
 
     @classmethod
-    def exponent_at(cls, cfg: "SAEConfig", step: int, steps: int) -> float:
+    def exponent_at(cls, cfg: SAEConfig, step: int, steps: int) -> float:
         """p in force at ``step`` (1-based) of ``steps``."""
         return cls.exponent(cfg, cls.updates_before(cfg, step, steps))
 

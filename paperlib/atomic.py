@@ -16,8 +16,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 TEMP_TAG = ".paperlib-tmp"
 STALE_AFTER_S = 3600.0

@@ -33,9 +33,10 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -169,8 +170,7 @@ class ChatEndpoint:
                     raise EndpointError(f"{self.url} is rate-limiting (HTTP {exc.code}) and asks to wait {wait:.0f} s, "
                                         f"more than max_backoff={cfg.max_backoff:g} s; rerun later (finished work "
                                         "is cached) or raise max_backoff") from None
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout,
-                    OSError) as exc:
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 timed_out = isinstance(reason, (TimeoutError, socket.timeout))
                 problem = (f"no reply within timeout={cfg.timeout:g} s" if timed_out
@@ -266,7 +266,8 @@ class LocalChat:
             width = max(len(ids[i]) for i in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=dev)
             mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=dev)
-            sampling = {"do_sample": False} if self.temperature == 0 else {"do_sample": True, "temperature": self.temperature}
+            sampling = ({"do_sample": False} if self.temperature == 0
+                        else {"do_sample": True, "temperature": self.temperature})
             if self.temperature:
                 torch.manual_seed(self.seed + start)
             with torch.no_grad():

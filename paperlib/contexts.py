@@ -20,8 +20,9 @@ into readable text with the activating token marked; ``TopContexts.examples`` pa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,7 +52,7 @@ class TopContexts:
         return {name: getattr(self, name) for name in _FIELDS}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], n_rows: int) -> "TopContexts":
+    def from_tensors(cls, tensors: dict[str, Tensor], n_rows: int) -> TopContexts:
         missing = [k for k in _FIELDS if k not in tensors]
         if missing:
             raise ValueError(f"TopContexts.from_tensors: missing {missing}; was this entry written by top_contexts?")
@@ -61,8 +62,8 @@ class TopContexts:
         """Fraction of rows on which each latent fires [S, L]."""
         return self.n_fired.double() / max(self.n_rows, 1)
 
-    def examples(self, contexts: "TokenContexts", seed: int = 0, window: int = 12,
-                 mark: tuple[str, str] = ("«", "»")) -> list["LatentExamples"]:
+    def examples(self, contexts: TokenContexts, seed: int = 0, window: int = 12,
+                 mark: tuple[str, str] = ("«", "»")) -> list[LatentExamples]:
         """Readable examples of every latent of seed index ``seed`` (position in the S axis)."""
         if not 0 <= seed < self.latents.shape[0]:
             raise IndexError(f"seed index {seed} is out of range for {self.latents.shape[0]} seeds")
@@ -137,7 +138,7 @@ class TokenContexts:
             raise ValueError(f"row_context / row_position point outside tokens {tuple(self.tokens.shape)}")
 
     @classmethod
-    def from_activations(cls, acts: Any) -> "TokenContexts":
+    def from_activations(cls, acts: Any) -> TokenContexts:
         """From a ``paperlib.activations.Activations`` (or anything with the same four attributes)."""
         return cls(acts.tokens, acts.row_context, acts.row_position, acts.tokenizer.decode)
 
@@ -207,13 +208,17 @@ def top_contexts(codes: Codes, x: Tensor | None, latents: Sequence[int] | Tensor
         raise ValueError(f"top_contexts: reservoir={reservoir} must be >= n_quantile={n_quantile}")
     if isinstance(codes, Tensor):
         if codes.ndim not in (2, 3):
-            raise ValueError(f"precomputed codes must be [n_rows, n_latents] or [S, n_rows, n_latents], got {_shape(codes)}")
+            raise ValueError("precomputed codes must be [n_rows, n_latents] or [S, n_rows, n_latents], "
+                             f"got {_shape(codes)}")
         n_rows = codes.shape[-2]
         stored = codes if codes.ndim == 3 else codes[None]
-        encode: Callable[[int, int], Tensor] = lambda a, b: stored[:, a:b]
+
+        def encode(a: int, b: int) -> Tensor:
+            return stored[:, a:b]
     elif callable(codes):
         if not isinstance(x, Tensor) or x.ndim != 2:
-            raise ValueError(f"x must be the activation rows [n_rows, d_model] when codes is a function, got {_shape(x)}")
+            raise ValueError("x must be the activation rows [n_rows, d_model] when codes is a function, "
+                             f"got {_shape(x)}")
         n_rows = x.shape[0]
 
         def encode(a: int, b: int) -> Tensor:
@@ -224,7 +229,8 @@ def top_contexts(codes: Codes, x: Tensor | None, latents: Sequence[int] | Tensor
                                  f"of B={b - a} rows, got {_shape(out)}")
             return out if out.ndim == 3 else out[None]
     else:
-        raise ValueError(f"codes must be a function of a chunk of rows or a tensor of codes, got {type(codes).__name__}")
+        raise ValueError("codes must be a function of a chunk of rows or a tensor of codes, "
+                         f"got {type(codes).__name__}")
     if n_rows < 1:
         raise ValueError("top_contexts needs at least one activation row")
 

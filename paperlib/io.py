@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -386,7 +387,8 @@ def _read_dictionary_learning(weights: Path) -> Decoder:
     if not isinstance(W_dec, torch.Tensor):
         raise ValueError(f"{weights}: {name} is a {type(W_dec).__name__}, not a tensor")
     if W_dec.ndim != 2:
-        raise ValueError(f"{weights}: {name} must be a 2-D matrix, got rank {W_dec.ndim} with shape {tuple(W_dec.shape)}")
+        raise ValueError(f"{weights}: {name} must be a 2-D matrix, "
+                         f"got rank {W_dec.ndim} with shape {tuple(W_dec.shape)}")
     stored = tuple(W_dec.shape)
     if not rows_are_latents:
         W_dec = W_dec.T
@@ -440,7 +442,8 @@ def read_decoder(path) -> Decoder:
                 return _read_sparsify(path)
             cfg = _read_json(path.parent / CFG)
             return _read_saelens(path, cfg, "paperlib" if "paperlib" in cfg else "saelens")
-        why = "a .safetensors file without a sibling cfg.json" if path.suffix == ".safetensors" else "an unknown file type"
+        why = ("a .safetensors file without a sibling cfg.json" if path.suffix == ".safetensors"
+               else "an unknown file type")
         raise ValueError(f"{path}: unknown SAE layout ({why}); {_ACCEPTED}")
     found = _layout_files(path)
     if found is None:
@@ -469,7 +472,8 @@ def load_sae(path) -> SAEBank:
     if path.is_file():
         path = path.parent
     if not (path / CFG).is_file():
-        raise FileNotFoundError(f"{path}: no {CFG}; load_sae reads directories written by save_sae{_hint_for_directory(path)}")
+        raise FileNotFoundError(f"{path}: no {CFG}; load_sae reads directories written by "
+                                f"save_sae{_hint_for_directory(path)}")
     meta = _read_json(path / CFG)
     if not isinstance(meta.get("paperlib"), dict):
         raise ValueError(
@@ -478,7 +482,8 @@ def load_sae(path) -> SAEBank:
         )
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     try:
-        cfg = SAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["paperlib"].items() if k in known})
+        cfg = SAEConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in meta["paperlib"].items() if k in known})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path / CFG}: invalid 'paperlib' config ({exc})") from exc
     if cfg.n_seeds != 1:

@@ -34,12 +34,13 @@ import shutil
 import socket
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from paperlib._stack import user_stacklevel
 from paperlib.runtime import device as default_device
 from paperlib.store import Store, file_sha256
 
@@ -78,7 +79,8 @@ def resolve(name: str) -> tuple[str, str]:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ValueError(f"model directory {str(path)!r} has no config.json; point at a Hugging Face model directory")
+            raise ValueError(f"model directory {str(path)!r} has no config.json; "
+                             "point at a Hugging Face model directory")
         return "local", str(path.resolve())
     if name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise ValueError(
@@ -159,7 +161,8 @@ def _packaged_dir(store: Store) -> Path:
             problem = "model.safetensors does not match its hash"
         except (OSError, ValueError, KeyError) as exc:
             problem = f"unreadable ({exc})"
-        warnings.warn(f"converted model {target} is corrupt: {problem}; converting the GGUF again")
+        warnings.warn(f"converted model {target} is corrupt: {problem}; converting the GGUF again",
+                      stacklevel=user_stacklevel())
         shutil.rmtree(target, ignore_errors=True)
     elif target.exists():
         shutil.rmtree(target, ignore_errors=True)  # an interrupted conversion never has a marker

@@ -31,8 +31,8 @@ the sha256 of the directions, so a notebook re-run never retrains.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -79,12 +79,12 @@ class MetaSAEConfig:
             raise ValueError(f"MetaSAEConfig needs lr > 0 and aux_coeff >= 0, got {self.lr!r} and {self.aux_coeff!r}")
 
     @classmethod
-    def paper(cls, **overrides) -> "MetaSAEConfig":
+    def paper(cls, **overrides) -> MetaSAEConfig:
         """Paper B's setting: width ≈ n/21, k = 4, lr 1e-3, AuxK 1/16, 2000 steps of batch 16384."""
         return cls(**overrides)
 
     @classmethod
-    def saebench(cls, **overrides) -> "MetaSAEConfig":
+    def saebench(cls, **overrides) -> MetaSAEConfig:
         """SAEBench's meta-SAE width (n/4, k = 4); training as in ``paper()``."""
         return cls(**{"width_fraction": 0.25, **overrides})
 

@@ -106,7 +106,8 @@ class ZipfianOrganism:
     def __post_init__(self) -> None:
         _validate(self, "ZipfianOrganism")
         if not isinstance(self.n_groups, int) or not 1 <= self.n_groups <= self.n_gt:
-            raise ValueError(f"ZipfianOrganism.n_groups must be an integer in [1, n_gt={self.n_gt}], got {self.n_groups!r}")
+            raise ValueError(f"ZipfianOrganism.n_groups must be an integer in [1, n_gt={self.n_gt}], "
+                             f"got {self.n_groups!r}")
         if self.n_gt % self.n_groups:
             raise ValueError(
                 f"ZipfianOrganism.n_groups={self.n_groups} must divide n_gt={self.n_gt} (equal groups); pick a divisor"

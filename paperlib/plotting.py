@@ -14,9 +14,10 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import matplotlib
 import numpy as np

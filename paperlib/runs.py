@@ -101,7 +101,8 @@ def held_out_split(n_rows: int, eval_rows: int) -> tuple[slice, slice]:
     """Training rows first, the last ``eval_rows`` held out. Activation rows are in context order,
     so the held-out rows come from contexts the SAE never saw."""
     if not isinstance(eval_rows, int) or not 0 < eval_rows < n_rows:
-        raise ValueError(f"eval_rows must be an integer in 1..{n_rows - 1} (rows available: {n_rows}), got {eval_rows!r}")
+        raise ValueError(f"eval_rows must be an integer in 1..{n_rows - 1} (rows available: {n_rows}), "
+                         f"got {eval_rows!r}")
     return slice(0, n_rows - eval_rows), slice(n_rows - eval_rows, n_rows)
 
 

@@ -24,10 +24,13 @@ import functools
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
+
+from paperlib._stack import user_stacklevel
 
 F = TypeVar("F", bound=Callable)
 
@@ -140,7 +143,8 @@ def maybe_compile(fn: F) -> F:
             return compiled(*args, **kwargs)
         except Exception as exc:  # compiler missing or unsupported backend: stay correct, run eager
             failed = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running {fn.__name__} eagerly")
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running {fn.__name__} eagerly",
+                          stacklevel=user_stacklevel())
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -122,7 +122,8 @@ class SAEConfig:
                 f"got p_start={self.p_start!r}, p_end={self.p_end!r}"
             )
         if not 0 <= self.anneal_start < 1:
-            raise ValueError(f"SAEConfig.anneal_start must be a fraction of training in [0, 1), got {self.anneal_start!r}")
+            raise ValueError("SAEConfig.anneal_start must be a fraction of training in [0, 1), "
+                             f"got {self.anneal_start!r}")
         for name, least in (("p_updates", 2), ("p_window", 1)):
             value = getattr(self, name)
             if not is_int(value, least):
@@ -168,7 +169,7 @@ class SAEBank(nn.Module):
     def n_seeds(self) -> int:
         return self.W_dec.shape[0]
 
-    def seed(self, i: int) -> "SAEBank":
+    def seed(self, i: int) -> SAEBank:
         """Seed ``i`` of the bank as a bank of one (a copy, buffers included)."""
         if not 0 <= i < self.n_seeds:
             raise IndexError(f"seed index {i} out of range for a bank of {self.n_seeds} seeds")

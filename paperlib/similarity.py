@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,8 @@ def parse_score(reply: str) -> float:
     """The 1..10 rating in a judge's reply, or NaN if there is none (see the module docstring)."""
     text = _SCALE.sub(" ", reply.replace("**", ""))
     for pattern in (rf"^\s*{_NUMBER}\s*\.?\s*$", rf"{_NUMBER}\s*/\s*10\b",
-                    rf"(?:score|rating|rate|similarity)\w*\W{{0,20}}?{_NUMBER}(?!\d)", rf"(?<![\d.]){_NUMBER}(?![\d.]*\d)"):
+                    rf"(?:score|rating|rate|similarity)\w*\W{{0,20}}?{_NUMBER}(?!\d)",
+                    rf"(?<![\d.]){_NUMBER}(?![\d.]*\d)"):
         match = re.search(pattern, text, re.I)
         if match:
             value = float(match.group(1))

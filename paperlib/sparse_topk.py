@@ -43,7 +43,7 @@ def sparse_pays_off(k: int, n_latents: int) -> bool:
 
 @torch.no_grad()
 def sparse_topk_loss_and_grads(
-    bank: "SAEBank", x: Tensor, n_rows: int, l1_coeff: float, dims: int, chunk_size: int = 256
+    bank: SAEBank, x: Tensor, n_rows: int, l1_coeff: float, dims: int, chunk_size: int = 256
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), the loss sums [3, S] (squared
     error, L1, L0) and the [S, n] mask of latents that fired, for a TopK bank on batch ``x``."""

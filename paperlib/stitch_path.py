@@ -39,10 +39,12 @@ class StitchPath:
         return len(self.violations) == 0
 
     def members(self, step: int) -> tuple[Tensor, Tensor, str]:
-        """(kept small latents [n_S] bool, added large latents [n_L] bool, "small"/"large" bias) after ``step`` moves."""
+        """(kept small latents [n_S] bool, added large latents [n_L] bool, "small"/"large" bias) after
+        ``step`` moves."""
         if not 0 <= step <= len(self.moves):
             raise IndexError(f"step must lie in [0, {len(self.moves)}], got {step}")
-        keep, add, bias = torch.ones(self.sizes[0], dtype=torch.bool), torch.zeros(self.sizes[1], dtype=torch.bool), "small"
+        keep, add, bias = (torch.ones(self.sizes[0], dtype=torch.bool), torch.zeros(self.sizes[1], dtype=torch.bool),
+                           "small")
         for move in self.moves[:step]:
             keep[list(move.removed)] = False
             add[list(move.added)] = True
@@ -51,7 +53,8 @@ class StitchPath:
 
     def summary(self) -> dict:
         kinds = [m.kind for m in self.moves]
-        return {"steps": len(self.moves), **{f"{k}_moves": kinds.count(k) for k in ("swap", "insert", "remove", "bias")},
+        return {"steps": len(self.moves),
+                **{f"{k}_moves": kinds.count(k) for k in ("swap", "insert", "remove", "bias")},
                 "mse_small": self.mse_small, "mse_large": self.mse_large, "endpoint_error": self.endpoint_error,
                 "monotone": self.monotone, "violations": len(self.violations),
                 "total_increase": float(self.delta[self.delta > 0].sum()),
@@ -92,7 +95,8 @@ class _Walk:
         self.t_ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(self.tok, minlength=n).cumsum(0)])
         # ⟨r, Z_m⟩ = Σ_{a∈m} ± Σ_t f_ta ⟨r_t, w_a⟩ (sparse product); Q_m = Σ_t ‖Z_mt‖² from entry pairs
         # sharing a (move, token), which are adjacent after the sort.
-        f = torch.sparse_coo_tensor(torch.stack([self.atom, self.tok]), self.coef, (len(self.w), n), check_invariants=True)
+        f = torch.sparse_coo_tensor(torch.stack([self.atom, self.tok]), self.coef, (len(self.w), n),
+                                    check_invariants=True)
         per_atom = (torch.sparse.mm(f, self.r) * self.w).sum(1)
         self.lin = torch.zeros(len(moves), dtype=torch.float64).index_add_(0, move_of, per_atom)
         run_start = torch.cat([torch.zeros(1, dtype=torch.long), new.nonzero().flatten()[1:]])
@@ -105,7 +109,8 @@ class _Walk:
         if e0 == e1:
             return None, None
         z = torch.zeros(u1 - u0, self.r.shape[1], dtype=torch.float64)
-        return z.index_add_(0, self.local[e0:e1] - u0, self.coef[e0:e1, None] * self.w[self.atom[e0:e1]]), self.tokens[u0:u1]
+        return (z.index_add_(0, self.local[e0:e1] - u0, self.coef[e0:e1, None] * self.w[self.atom[e0:e1]]),
+                self.tokens[u0:u1])
 
     def deltas(self) -> Tensor:
         return (self.quad - 2 * self.lin) * self.scale

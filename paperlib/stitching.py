@@ -39,8 +39,8 @@ move* swaps it for b_L).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class SAEView:
         return self.W_dec.shape[1]
 
     @classmethod
-    def from_bank(cls, bank: SAEBank, seed: int = 0, name: str | None = None) -> "SAEView":
+    def from_bank(cls, bank: SAEBank, seed: int = 0, name: str | None = None) -> SAEView:
         """Seed ``seed`` of a bank. BatchTopK-style banks need their trained inference threshold
         (without it their codes would depend on how tokens are chunked)."""
         one = bank.seed(seed) if bank.n_seeds > 1 else bank
@@ -93,7 +93,7 @@ class SAEView:
                    name or f"{one.cfg.architecture} SAE ({one.cfg.n_latents} latents)")
 
     @classmethod
-    def empty(cls, d_model: int, b_dec: Tensor | None = None) -> "SAEView":
+    def empty(cls, d_model: int, b_dec: Tensor | None = None) -> SAEView:
         """An SAE with no latents (reconstruction = its bias): stitching into it builds L from scratch."""
         b = torch.zeros(d_model) if b_dec is None else b_dec.detach()
         return cls(lambda x: x.new_zeros(x.shape[0], 0), torch.zeros(0, d_model), b, "empty SAE")
@@ -156,7 +156,8 @@ def max_cosine(a: Tensor, b: Tensor, chunk_size: int = 4096) -> tuple[Tensor, Te
     """For each row of ``a`` [n_a, d]: the largest cosine to a row of ``b`` [n_b, d] and its index
     (zero rows have cosine 0; NaN and -1 when ``b`` is empty)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"max_cosine needs [n_a, d] and [n_b, d] with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError("max_cosine needs [n_a, d] and [n_b, d] with the same d, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     if b.shape[0] == 0:
         return torch.full((a.shape[0],), float("nan")), torch.full((a.shape[0],), -1, dtype=torch.long)
     an, bn = _unit(a), _unit(b)
@@ -198,7 +199,8 @@ class Insertion:
         return {"n_latents": len(self.delta_mse), "fraction_novel": self.fraction_novel,
                 "mse_small": self.mse_small, "mse_large": self.mse_large,
                 "median_max_cos_novel": float(self.max_cos[self.novel].median()) if self.novel.any() else None,
-                "median_max_cos_reconstruction": float(self.max_cos[~self.novel].median()) if (~self.novel).any() else None}
+                "median_max_cos_reconstruction": (float(self.max_cos[~self.novel].median()) if (~self.novel).any()
+                                                  else None)}
 
 
 @dataclass
@@ -216,8 +218,9 @@ class _Pass:
 
 def _encode_pair(small: SAEView, large: SAEView, x: Tensor, chunk_size: int, keep: bool, max_entries: int) -> _Pass:
     n, d = x.shape
-    p = _Pass(*torch.zeros(2, large.n_latents, dtype=torch.float64), [torch.zeros(small.n_latents),
-              torch.zeros(large.n_latents)], [0.0, 0.0], torch.empty(n, d, dtype=torch.float64) if keep else None, ([], []))
+    p = _Pass(*torch.zeros(2, large.n_latents, dtype=torch.float64),
+              [torch.zeros(small.n_latents), torch.zeros(large.n_latents)], [0.0, 0.0],
+              torch.empty(n, d, dtype=torch.float64) if keep else None, ([], []))
     for start in range(0, n, chunk_size):
         chunk = x[start : start + chunk_size]
         for side, sae in enumerate((small, large)):
@@ -322,12 +325,14 @@ def stitch_moves(small: SAEView | SAEBank, large: SAEView | SAEBank, threshold: 
     return moves
 
 
-def stitch(small: SAEView | SAEBank, large: SAEView | SAEBank, keep: Tensor, add: Tensor, bias: str = "small") -> SAEView:
+def stitch(small: SAEView | SAEBank, large: SAEView | SAEBank, keep: Tensor, add: Tensor,
+           bias: str = "small") -> SAEView:
     """The stitched SAE keeping ``keep`` [n_S] bool of ``small``, adding ``add`` [n_L] bool of ``large``,
     with the decoder bias of ``bias`` ("small" or "large")."""
     small, large = as_view(small, "small"), as_view(large, "large")
     _check_pair(small, large, None)
-    if keep.shape != (small.n_latents,) or add.shape != (large.n_latents,) or keep.dtype != torch.bool or add.dtype != torch.bool:
+    if (keep.shape != (small.n_latents,) or add.shape != (large.n_latents,)
+            or keep.dtype != torch.bool or add.dtype != torch.bool):
         raise ValueError(f"keep and add must be bool masks of shapes [{small.n_latents}] and [{large.n_latents}], "
                          f"got {tuple(keep.shape)} {keep.dtype} and {tuple(add.shape)} {add.dtype}")
     if bias not in ("small", "large"):

@@ -24,13 +24,15 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from paperlib._stack import user_stacklevel
 from paperlib.atomic import remove_stale_temporaries, temporary_dir
 
 CACHE_VERSION = 1
@@ -119,7 +121,8 @@ class Store:
                 return Entry(load_file(path / _TENSORS), meta["meta"], path)
             except Exception as exc:  # hashes matched but content unreadable: treat as corrupt
                 problem = f"unreadable ({exc})"
-        warnings.warn(f"cache entry {path} is corrupt: {problem}; deleting it and recomputing")
+        warnings.warn(f"cache entry {path} is corrupt: {problem}; deleting it and recomputing",
+                      stacklevel=user_stacklevel())
         shutil.rmtree(path, ignore_errors=True)
         return None
 
@@ -142,7 +145,8 @@ class Store:
                 return f"{name} does not match its hash"
         return None
 
-    def save(self, namespace: str, config: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None) -> Entry:
+    def save(self, namespace: str, config: Any, tensors: Mapping[str, torch.Tensor],
+             meta: Mapping | None = None) -> Entry:
         """Write an entry atomically, replacing any previous entry under the same key."""
         path = self.path(namespace, config)
         path.parent.mkdir(parents=True, exist_ok=True)

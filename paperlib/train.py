@@ -48,9 +48,9 @@ import contextlib
 import hashlib
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from paperlib import fused
+from paperlib._stack import user_stacklevel
 from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.checks import is_int, is_real
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_device, resolve_precision
@@ -275,7 +276,8 @@ def train(
     x = x.to(target, torch.float32)
     if resolve_precision(cfg.precision, x.device) == "bf16" and x.device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
-                      "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here")
+                      "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here",
+                      stacklevel=user_stacklevel())  # train directly, or through runs.trained_bank and the Store
     callbacks = dict(callbacks or {})
     # foreach: one kernel per op over all parameters; bitwise the same updates as the per-tensor loop
     # (tested), 1.3-2.4x faster on large banks. torch's fused Adam is faster still but rounds differently.

@@ -34,8 +34,8 @@ the width, the target sparsity, the data's scale and the L0 a run reaches — ne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -76,7 +76,8 @@ def mean_sq_norm(x: torch.Tensor) -> float:
         raise ValueError(f"mean_sq_norm needs data of shape [n_rows, d_model], got {tuple(x.shape)}")
     value = float(x.double().square().sum(1).mean())
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"mean_sq_norm: the data must be finite and not all zero (mean squared norm {value}); clean it first")
+        raise ValueError(f"mean_sq_norm: the data must be finite and not all zero (mean squared norm {value}); "
+                         "clean it first")
     return value
 
 
@@ -113,7 +114,8 @@ def zoo_config(
     if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 1 <= sparsity <= n_latents:
         raise ValueError(f"sparsity must be an integer target L0 in [1, n_latents={n_latents}], got {sparsity!r}")
     if not (isinstance(data_scale, (int, float)) and math.isfinite(data_scale) and data_scale > 0):
-        raise ValueError(f"data_scale must be the data's mean squared norm (> 0; use mean_sq_norm(x)), got {data_scale!r}")
+        raise ValueError("data_scale must be the data's mean squared norm (> 0; use mean_sq_norm(x)), "
+                         f"got {data_scale!r}")
     code = math.sqrt(data_scale / sparsity)
     fields: dict = dict(
         d_model=d_model, n_latents=n_latents, n_seeds=n_seeds, seed=seed, init_scale=rules.init_scale,
@@ -151,7 +153,8 @@ def calibrate_l1(
     if not factor > 1:
         raise ValueError(f"calibrate_l1 needs factor > 1, got {factor!r}")
     if not isinstance(refinements, int) or refinements < 0 or not isinstance(max_pilots, int) or max_pilots < 2:
-        raise ValueError(f"calibrate_l1 needs refinements >= 0 and max_pilots >= 2, got {refinements!r}, {max_pilots!r}")
+        raise ValueError("calibrate_l1 needs refinements >= 0 and max_pilots >= 2, "
+                         f"got {refinements!r}, {max_pilots!r}")
     tried: dict[float, float] = {}
 
     def probe(m: float) -> float:

@@ -8,8 +8,8 @@ target (notebook 06, measured before calibration); ``calibrate_l1`` scales it wi
 the same schedule on ``pilot_seeds`` seeds, judged only by the pilots' final L0 on training rows
 (never by a consistency score), as a practitioner's sweep would be. Two bisections after the
 factor-2 bracket (multipliers on a 2^(1/4) grid): with one, Gated's steep L0 curve (62 -> 18 over a
-factor of sqrt(2), measured) sent the targets 16 and 32 to the same coefficient, hence the same SAE. Pilots are stored runs: a second
-calibration, in any notebook, trains nothing.
+factor of sqrt(2), measured) sent the targets 16 and 32 to the same coefficient, hence the same SAE.
+Pilots are stored runs: a second calibration, in any notebook, trains nothing.
 """
 
 from __future__ import annotations

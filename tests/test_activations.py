@@ -212,8 +212,9 @@ def test_corrupt_cache_is_reported_and_reextracted(tiny, tmp_path, damage):
         expect, redone = None, [0, 1, 2, 3, 4]
     del good
     if expect:
-        with pytest.warns(UserWarning, match=expect):
+        with pytest.warns(UserWarning, match=expect) as record:
             fixed = A.load_activations(config, store, progress=False)
+        assert {w.filename for w in record if "activation cache" in str(w.message)} == {__file__}  # the caller
     else:
         fixed = A.load_activations(config, store, progress=False)
     assert fixed.meta["extraction"]["shards_this_run"] == redone

@@ -93,7 +93,8 @@ def test_matryoshka_adds_the_nested_prefix_reconstructions():
     _, parts, codes = bank.loss(x)
     ends = Matryoshka.prefix_ends(N_LATENTS, (0.25, 0.25))
     assert ends == [3, 6, 12]
-    manual = sum(((codes[..., :m] @ bank.W_dec[:, :m] + bank.b_dec[:, None]) - x).square().mean((1, 2)) for m in ends[:-1])
+    manual = sum(((codes[..., :m] @ bank.W_dec[:, :m] + bank.b_dec[:, None]) - x).square().mean((1, 2))
+                 for m in ends[:-1])
     torch.testing.assert_close(parts["prefix_recon"], manual.detach())
 
 

@@ -83,7 +83,8 @@ def test_random_runs_score_near_chance_and_json_has_every_field(cli, runs):
     res = cli["random"]
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert set(out) >= {"pw_mcc", "pw_mcc_std", "pairs", "n_latents", "d_model", "chance", "signed", "layouts", "runs", "certified"}
+    assert set(out) >= {"pw_mcc", "pw_mcc_std", "pairs", "n_latents", "d_model", "chance", "signed", "layouts", "runs",
+                        "certified"}
     assert out["certified"] is True
     assert out["n_latents"] == [N, N, N] and out["d_model"] == D and out["signed"] is True
     assert out["layouts"] == ["saelens"] * 3 and set(out["chance"]) == {"mean", "std", "samples"}

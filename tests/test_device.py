@@ -90,7 +90,7 @@ def test_training_on_cuda_matches_the_cpu(architecture):
     assert banks["cuda"].W_dec.device.type == "cuda"
     for name, value in banks["cpu"].state_dict().items():
         torch.testing.assert_close(banks["cuda"].state_dict()[name].cpu(), value, rtol=1e-4, atol=1e-5,
-                                   equal_nan=True, msg=lambda m: f"{architecture} {name}: {m}")
+                                   equal_nan=True, msg=lambda m, name=name: f"{architecture} {name}: {m}")
     torch.testing.assert_close(torch.as_tensor(histories["cuda"]["fvu"]), torch.as_tensor(histories["cpu"]["fvu"]),
                                rtol=1e-4, atol=1e-6)
 
@@ -120,7 +120,8 @@ def test_bf16_training_on_cuda_stays_close_to_fp32():
     fvu = {}
     for precision in ("fp32", "bf16"):
         bank = SAEBank(sae)
-        fvu[precision] = train(bank, x, schedule(precision=precision, steps=40), progress=False, device="cuda")["fvu"][-1]
+        fvu[precision] = train(bank, x, schedule(precision=precision, steps=40), progress=False,
+                               device="cuda")["fvu"][-1]
     torch.testing.assert_close(torch.as_tensor(fvu["bf16"]), torch.as_tensor(fvu["fp32"]), rtol=0.05, atol=0.01)
 
 
@@ -133,4 +134,4 @@ def test_the_sparse_topk_step_on_cuda_matches_the_cpu():
         train(bank, data(512, 16), schedule(), progress=False, device=dev)
     for name, value in banks["cpu"].state_dict().items():
         torch.testing.assert_close(banks["cuda"].state_dict()[name].cpu(), value, rtol=1e-4, atol=1e-5,
-                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+                                   equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")

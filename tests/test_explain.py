@@ -14,10 +14,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from paperlib.explain import (PAPER_A_EDGES, PROMPT_VERSION, EmbeddingSimilarity, Example, ExplainPrompt, LatentExamples, LocalChat,
-                              LocalExplainer, TokenContexts, TopContexts, TopTokensExplainer, bin_scores,
-                              clean_explanation, explain_latents, explanation_cache, parse_score, random_pairs,
-                              spearman, top_contexts)
+from paperlib.explain import (PAPER_A_EDGES, PROMPT_VERSION, EmbeddingSimilarity, Example, ExplainPrompt,
+                              LatentExamples, LocalChat, LocalExplainer, TokenContexts, TopContexts, TopTokensExplainer,
+                              bin_scores, clean_explanation, explain_latents, explanation_cache, parse_score,
+                              random_pairs, spearman, top_contexts)
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store
 
@@ -164,7 +164,8 @@ def test_clean_explanation(reply, expected):
 def test_explain_latents_caches_per_latent_and_recomputes_changed_contexts(tmp_path):
     store, explainer = Store(tmp_path), TopTokensExplainer()
     examples = [latent(0, ["a"]), latent(1, ["b"]), latent(2, ["c"])]
-    assert explain_latents(explainer, examples, "run-1", store, batch_size=2) == ["tokens: 'a'", "tokens: 'b'", "tokens: 'c'"]
+    assert explain_latents(explainer, examples, "run-1", store, batch_size=2) == [
+        "tokens: 'a'", "tokens: 'b'", "tokens: 'c'"]
     cache = explanation_cache(explainer, "run-1", store)
     lines = cache.path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["prompt_version"] == PROMPT_VERSION
@@ -174,8 +175,9 @@ def test_explain_latents_caches_per_latent_and_recomputes_changed_contexts(tmp_p
     assert explain_latents(explainer, examples, "run-1", store) == ["from the cache", "tokens: 'b2'", "tokens: 'c'"]
     assert explain_latents(explainer, examples[:1], "run-2", store) == ["tokens: 'a'"]  # runs are separate
     cache.path.write_text(cache.path.read_text() + "{torn line\n")
-    with pytest.warns(UserWarning, match="1 unreadable lines ignored"):
+    with pytest.warns(UserWarning, match="1 unreadable lines ignored") as record:
         explain_latents(explainer, examples, "run-1", store)
+    assert [w.filename for w in record if "unreadable lines" in str(w.message)] == [__file__]  # names the caller
     with pytest.raises(ValueError, match="run_id must name the SAE run"):
         explain_latents(explainer, examples, "", store)
     with pytest.raises(ValueError, match="examples name some latent twice"):

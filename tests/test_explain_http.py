@@ -50,7 +50,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def completion(self, content: str) -> None:
-        body = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+        body = {"object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
         self.reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
     def do_POST(self) -> None:
@@ -129,7 +130,8 @@ def test_unreachable_endpoint_names_the_url_after_retries():
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    client = ChatEndpoint(EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff=0.01))
+    client = ChatEndpoint(EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1,
+                                         backoff=0.01))
     expected = rf"127\.0\.0\.1:{port}/v1/chat/completions failed after 2 attempts: cannot connect"
     with pytest.raises(EndpointError, match=expected):
         client.complete([{"role": "user", "content": "hi"}], 4)
@@ -265,8 +267,9 @@ def real_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with log.open("w") as out:
-        proc = subprocess.Popen([python, "-m", "transformers.cli.transformers", "serve", model_dir, "--host", "127.0.0.1",
-                                 "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+        proc = subprocess.Popen([python, "-m", "transformers.cli.transformers", "serve", model_dir,
+                                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                                 "--log-level", "warning"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240

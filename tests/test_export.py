@@ -80,7 +80,8 @@ def test_saelens_export_has_exactly_the_inference_class_tensors_and_config(tmp_p
         topk_fields = {"k", "rescale_acts_by_decoder_norm"} if architecture == "topk" else set()
         assert set(cfg) == SAELENS_CFG | topk_fields
         assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (expected_arch, D, N, "float32")
-        assert (cfg["apply_b_dec_to_input"], cfg["normalize_activations"], cfg["reshape_activations"]) == (True, "none", "none")
+        assert (cfg["apply_b_dec_to_input"], cfg["normalize_activations"], cfg["reshape_activations"]) == (
+            True, "none", "none")
         if topk_fields:
             assert (cfg["k"], cfg["rescale_acts_by_decoder_norm"]) == (K, False)
         meta = cfg["metadata"]

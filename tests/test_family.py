@@ -13,7 +13,8 @@ import torch
 from paperlib.explorer import write_explorer
 from paperlib.family import (
     FamilyConfig, MemoryActivations, auc, cached_insertion, cached_path, cached_top_contexts, cross_seed_similarity,
-    novel_fraction, partial_rank_correlation, rank_correlation, path_from_tensors, path_tensors, top_tokens, train_family,
+    novel_fraction, partial_rank_correlation, rank_correlation, path_from_tensors, path_tensors, top_tokens,
+    train_family,
 )
 from paperlib.organism import UniformOrganism, sample_uniform
 from paperlib.sae import SAEBank

@@ -124,8 +124,9 @@ def test_activation_manifest_of_the_wrong_shape_or_edited_is_reextracted(tiny, t
              "sumsq": {**manifest, "done": {**manifest["done"], "0": {**manifest["done"]["0"], "sumsq": 1.0}}}}
     file.write_text("{not json" if damage == "not_json" else json.dumps(edits[damage]))
     del good
-    with pytest.warns(UserWarning, match="manifest.json"):
+    with pytest.warns(UserWarning, match="manifest.json") as record:
         fixed = A.load_activations(config, store, progress=False)
+    assert [w.filename for w in record if "manifest.json" in str(w.message)] == [__file__]  # names the caller
     assert fixed.meta["extraction"]["shards_this_run"] == [0, 1, 2, 3, 4]
     assert torch.equal(fixed.x, reference) and fixed.scale == scale
 
@@ -156,8 +157,9 @@ def test_an_edited_or_malformed_journal_is_ignored_not_trusted(tiny, tmp_path, m
     journal = json.loads(journal_file.read_text())
     journal["done"]["0"]["sumsq"] *= 4  # would change the scale
     journal_file.write_text(json.dumps(journal))
-    with pytest.warns(UserWarning, match="progress.json does not match its own hash"):
+    with pytest.warns(UserWarning, match="progress.json does not match its own hash") as record:
         resumed = A.load_activations(config, store, progress=False)
+    assert [w.filename for w in record if "progress.json" in str(w.message)] == [__file__]  # names the caller
     assert resumed.meta["extraction"]["shards_this_run"] == [0, 1, 2, 3, 4] and resumed.scale == reference.scale
 
 

@@ -163,8 +163,9 @@ def test_without_a_compiler_it_warns_once_and_trains_on_the_torch_path(monkeypat
     sparse_bank = SAEBank(SAEConfig("topk", 8, 600, k=4, n_seeds=1))
     x, x_sparse = torch.randn(40, 3), torch.randn(50, 8)
     try:
-        with pytest.warns(UserWarning, match="could not be compiled.*PAPERLIB_FUSED=0"):
+        with pytest.warns(UserWarning, match="could not be compiled.*PAPERLIB_FUSED=0") as record:
             grads, _ = bank.loss_and_grads(x, n_rows=40)
+        assert [w.filename for w in record if "could not be compiled" in str(w.message)] == [__file__]
         sparse_grads, _ = sparse_bank.loss_and_grads(x_sparse, n_rows=50, sparse=True)
     finally:
         fused._library.cache_clear()  # later tests compile with the real compiler again

@@ -198,7 +198,8 @@ def test_square_dictionary_follows_each_class_convention(tmp_path):
     """d == n: shapes cannot tell the orientation, the parameter's name (nn.Linear vs W_dec) does."""
     W = _rand(D, D, seed=5)  # not symmetric, so a wrong transpose would show
     linear = write_dictionary_learning(tmp_path / "lin", _LinearSAE(D, D, W).state_dict(), "AutoEncoderTopK", D, D)
-    param = write_dictionary_learning(tmp_path / "par", {"W_dec": W, "W_enc": W.T.contiguous()}, "JumpReluAutoEncoder", D, D)
+    param = write_dictionary_learning(tmp_path / "par", {"W_dec": W, "W_enc": W.T.contiguous()}, "JumpReluAutoEncoder",
+                                      D, D)
     assert np.array_equal(read_decoder(linear).W_dec, W.numpy())
     assert np.array_equal(read_decoder(param).W_dec, W.numpy())
 
@@ -215,7 +216,8 @@ def test_transposed_fork_is_recognised_from_config_sizes(tmp_path):
 def test_reads_dictionary_learning_training_checkpoint(tmp_path):
     W = _rand(N, D, seed=7)
     state = {"ae_state_dict": _LinearSAE(D, N, W).state_dict(), "step": 100, "is_final": True}
-    assert np.array_equal(read_decoder(write_dictionary_learning(tmp_path / "ck", state, "BatchTopKSAE", D, N)).W_dec, W.numpy())
+    assert np.array_equal(read_decoder(write_dictionary_learning(tmp_path / "ck", state, "BatchTopKSAE", D, N)).W_dec,
+                          W.numpy())
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -234,7 +236,8 @@ def test_missing_path(tmp_path):
 
 def test_unknown_layout_lists_accepted_ones(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=_path(tmp_path / "empty") + ": unknown SAE layout; accepted layouts: .*sparsify"):
+    with pytest.raises(ValueError,
+                       match=_path(tmp_path / "empty") + ": unknown SAE layout; accepted layouts: .*sparsify"):
         read_decoder(tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="unknown file type.*dictionary_learning"):
@@ -268,7 +271,8 @@ def _config_without_weights(tmp_path):
 def test_corrupt_weights(tmp_path):
     path = write_saelens(tmp_path / "sl", _rand(N, D))
     (path / "sae_weights.safetensors").write_bytes(b"\x00garbage, not a safetensors header")
-    with pytest.raises(ValueError, match=_path(path / "sae_weights.safetensors") + ": corrupt or unreadable safetensors"):
+    with pytest.raises(ValueError,
+                       match=_path(path / "sae_weights.safetensors") + ": corrupt or unreadable safetensors"):
         read_decoder(path)
     ae = write_dictionary_learning(tmp_path / "dl", {"decoder.weight": _rand(D, N)}, "AutoEncoder", D, N)
     ae.write_bytes(ae.read_bytes()[:40])

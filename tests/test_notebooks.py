@@ -45,7 +45,8 @@ def test_parameters_cell_defaults_to_smoke(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_profile_yaml_names_only_existing_parameters(path, profile):
     yaml_path = ROOT / "profiles" / profile / f"{path.stem}.yaml"
-    assert yaml_path.exists(), f"missing {yaml_path.relative_to(ROOT)} (make figures needs one per notebook and profile)"
+    assert yaml_path.exists(), (f"missing {yaml_path.relative_to(ROOT)} "
+                                "(make figures needs one per notebook and profile)")
     values = yaml.safe_load(yaml_path.read_text()) or {}
     unknown = set(values) - set(parameters_of(path))
     assert not unknown, f"{yaml_path.relative_to(ROOT)} sets parameters {sorted(unknown)} that {path.name} lacks"

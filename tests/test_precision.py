@@ -111,9 +111,10 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_at_the_start(monkeypatch):
 
     monkeypatch.setattr(paperlib.train, "cpu_has_native_bf16", lambda: False)
     data = sample_uniform(ORGANISM)
-    with pytest.warns(UserWarning, match=r"no native bf16 .* use precision='fp32'"):
+    with pytest.warns(UserWarning, match=r"no native bf16 .* use precision='fp32'") as record:
         train(SAEBank(SAEConfig("relu", d_model=32, n_latents=48, n_seeds=1)), data.x,
               TrainConfig(steps=2, precision="bf16"), progress=False)
+    assert [w.filename for w in record if "no native bf16" in str(w.message)] == [__file__]  # names the caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(SAEBank(SAEConfig("relu", d_model=32, n_latents=48, n_seeds=1)), data.x,

@@ -158,7 +158,8 @@ def test_orthogonal_novel_latents_give_a_monotone_path_in_order_of_benefit():
     assert effects.novel.tolist() == [False] * 4 + [True] * 4
     # Theory: each new orthogonal atom lowers the MSE by E[f_j^2] / d regardless of order.
     codes = x @ q[4:].T
-    np.testing.assert_allclose(sorted(effects.delta_mse[4:].tolist()), sorted((-codes.square().mean(0) / D).tolist()), rtol=1e-5)
+    np.testing.assert_allclose(sorted(effects.delta_mse[4:].tolist()), sorted((-codes.square().mean(0) / D).tolist()),
+                               rtol=1e-5)
     assert path.monotone and np.all(np.diff(path.delta) >= 0)  # greedy: most beneficial first
     assert [m.kind for m in path.moves[:4]] == ["insert"] * 4
     assert path.mse[-1] < 1e-10
@@ -185,7 +186,8 @@ def test_groups_partition_both_saes_and_follow_the_threshold(saes):
         for i, j in (cos > threshold).nonzero().tolist():
             assert group_of["S", i] == group_of["L", j]
         if orphans == "remove":
-            assert all(m.kind != "swap" or any(cos[i, j] > threshold for i in m.removed for j in m.added) for m in moves)
+            assert all(m.kind != "swap" or any(cos[i, j] > threshold for i in m.removed for j in m.added)
+                       for m in moves)
         else:
             assert all(m.kind in ("swap", "insert") for m in moves)
     assert len(stitch_moves(S, L, -1.0)) == 1  # every pair connected: one swap of everything

@@ -33,7 +33,8 @@ def test_round_trip_and_compute_once(tmp_path):
 def test_keys_depend_on_every_field_and_the_namespace():
     base = config_key("runs", Cfg(4, 0.1))
     assert base == config_key("runs", Cfg(4, 0.1))
-    assert len({base, config_key("runs", Cfg(5, 0.1)), config_key("runs", Cfg(4, 0.2)), config_key("other", Cfg(4, 0.1))}) == 4
+    assert len({base, config_key("runs", Cfg(5, 0.1)), config_key("runs", Cfg(4, 0.2)),
+                config_key("other", Cfg(4, 0.1))}) == 4
     assert config_key("runs", {"a": 1, "b": 2}) == config_key("runs", {"b": 2, "a": 1})
 
 
@@ -52,8 +53,9 @@ def test_corrupt_entries_are_reported_and_recomputed(tmp_path, damage):
         (entry.path / "manifest.json").unlink()
     else:
         tensors.unlink()
-    with pytest.warns(UserWarning, match="is corrupt"):
+    with pytest.warns(UserWarning, match="is corrupt") as record:
         assert store.load("runs", Cfg(1, 1.0)) is None
+    assert [w.filename for w in record if "is corrupt" in str(w.message)] == [__file__]  # names the caller
     assert not entry.path.exists()
     fresh = store.cached("runs", Cfg(1, 1.0), lambda: ({"w": torch.zeros(3)}, {}))
     assert torch.equal(fresh.tensors["w"], torch.zeros(3))

@@ -162,7 +162,8 @@ def test_calibration_on_real_pilots_lands_near_the_target():
     schedule = TrainConfig(steps=150, lr=3e-3, batch_size=256, log_every=150)
 
     def pilot(m):
-        return float(train(SAEBank(replace(base, l1_coeff=base.l1_coeff * m)), data.x, schedule, progress=False).final("l0").mean())
+        return float(train(SAEBank(replace(base, l1_coeff=base.l1_coeff * m)), data.x, schedule,
+                           progress=False).final("l0").mean())
 
     found = calibrate_l1(pilot, target=2)
     assert found.tried[1.0] > 3  # the uncalibrated rule is too dense here
