@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from paperlib._stack import user_stacklevel
 from paperlib.checks import is_real
 from paperlib.runtime import resolve_device
 from paperlib.sae import SAEBank, SAEConfig
@@ -127,7 +128,7 @@ def without_massive_rows(x: Tensor, factor: float | None = MASSIVE_NORM_FACTOR) 
     if not keep.all():
         warnings.warn(f"left out {int((~keep).sum())} of {len(x)} training rows whose norm exceeds {factor:g}x the "
                       f"median ({float(norms.median()):.4g}); largest {float(norms.max()):.4g} (massive activations; "
-                      "max_norm_factor=None keeps them)", RuntimeWarning, stacklevel=2)
+                      "max_norm_factor=None keeps them)", RuntimeWarning, stacklevel=user_stacklevel())
     return x[keep]
 
 
