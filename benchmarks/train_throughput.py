@@ -776,6 +776,13 @@ def _gpu_ratios(size_meas: dict[str, Any], peers: list[str], limit: float) -> di
     return ratios
 
 
+def _new_result(machine: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The result file's skeleton (CPU and GPU runs alike), filled measurement by measurement."""
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": [_sanitize(a) for a in sys.argv[1:]],
+            "paperlib_commit": _git_commit(), "machine": machine, "config": config,
+            "peers": {}, "measurements": [], "skipped": [], "ratios": {}}
+
+
 def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) -> None:
     """--device cuda (module docstring). ``dev`` is "cuda", or "cpu" for a rehearsal of this code path
     with CPU tensors (``--_rehearse``: tests of this script; its numbers are not GPU numbers)."""
@@ -794,12 +801,7 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
     machine = _machine()
     machine.pop("matmul_gflops")
     machine.update(gpu=gpu, device_copy_gbps=round(bandwidth, 1), gpu_matmul_gflops={}, physical_limit_tokens_per_s={})
-    result: dict[str, Any] = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": [_sanitize(a) for a in sys.argv[1:]],
-        "paperlib_commit": _git_commit(),
-        "machine": machine,
-        "config": {
+    result = _new_result(machine, {
             "architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR, "steps": steps,
             "warmup": warmup, "device": "cuda" if not rehearsal else "cpu (rehearsal of the cuda code path)",
             "dtype": "fp32 weights and Adam state; each measurement's 'precision' is its matmuls': paperlib bf16 = "
@@ -819,12 +821,7 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
                                           "(2 d n + d + n) / W)): one TopK SAE's encoder forward at the bf16 rate "
                                           "R_bf16 plus fp32 Adam traffic at the copy bandwidth W (device_copy_gbps)",
             "peak_gpu_memory_mib": "torch.cuda.max_memory_allocated over the timed part, in the measuring process",
-        },
-        "peers": {},
-        "measurements": [],
-        "skipped": [],
-        "ratios": {},
-    }
+        })
     print(f"== {'GPU ' + gpu['name'] if not rehearsal else 'REHEARSAL on the CPU (not GPU numbers)'}, torch "
           f"{torch.__version__}, CUDA {torch.version.cuda}; copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     for peer in args.peers:
@@ -988,12 +985,7 @@ def main() -> None:
     out_path = out if out.is_absolute() else Path.cwd() / out
 
     t_start = time.perf_counter()
-    result: dict[str, Any] = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": [_sanitize(a) for a in sys.argv[1:]],
-        "paperlib_commit": _git_commit(),
-        "machine": _machine(),
-        "config": {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR,
+    result = _new_result(_machine(), {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR,
                    "dtype": "float32 (paperlib-bf16: bf16 matmul inputs)",
                    "device": "cpu", "data": f"{DATA_BATCHES * BATCH} rows per size: Gaussian, rank-{DATA_RANK} "
                    "structure (log-spaced variances 10..0.1) + N(0, 0.3^2) noise + a random offset, "
@@ -1002,12 +994,7 @@ def main() -> None:
                    "train(..., TrainConfig(lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096))",
                    "tokens_per_s_per_sae": "steps * batch / seconds (a bank of S seeds: every seed sees every token)",
                    "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of the faster of torch.matmul and "
-                   "oneDNN's linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16"},
-        "peers": {},
-        "measurements": [],
-        "skipped": [],
-        "ratios": {},
-    }
+                   "oneDNN's linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16"})
     print(f"== machine: {result['machine']['cpu']}, {result['machine']['logical_cores']} cores, torch "
           f"{torch.__version__}, load {_load()}", flush=True)
 

@@ -110,6 +110,13 @@ def held_out_split(n_rows: int, eval_rows: int) -> tuple[slice, slice]:
 MASSIVE_NORM_FACTOR = 10.0
 
 
+def _checked_norm_factor(factor: float | None) -> float | None:
+    if factor is not None and (not is_real(factor, finite=True) or factor <= 1):
+        raise ValueError(f"max_norm_factor must be a number > 1 (a multiple of the median row norm) or None to keep "
+                         f"every row, got {factor!r}")
+    return factor
+
+
 def without_massive_rows(x: Tensor, factor: float | None = MASSIVE_NORM_FACTOR) -> Tensor:
     """``x`` without the rows whose L2 norm exceeds ``factor`` x the median row norm; ``None`` keeps all.
 
@@ -118,11 +125,8 @@ def without_massive_rows(x: Tensor, factor: float | None = MASSIVE_NORM_FACTOR) 
     rows stay within 1.3x). One such row in a batch dominates the squared error, and at notebook 06's
     learning rate the kick left 22 % of a TopK SAE's latents dead for good (PW-MCC 0.53 instead of 0.70,
     FVU 0.239 instead of 0.204; measured, README). The default's 255k rows have none above 7.6x."""
-    if factor is None:
+    if _checked_norm_factor(factor) is None:
         return x
-    if not is_real(factor, finite=True) or factor <= 1:
-        raise ValueError(f"max_norm_factor must be a number > 1 (a multiple of the median row norm) or None to keep "
-                         f"every row, got {factor!r}")
     norms = x.norm(dim=1)
     keep = norms <= factor * norms.median()
     if not keep.all():
@@ -140,7 +144,7 @@ def activation_run(
     without the massive ones (``without_massive_rows``), keyed by the activation config, the split and
     that filter, so every notebook asking for the same SAE on the same activations shares one run."""
     train_rows, _ = held_out_split(len(acts), eval_rows)
-    without_massive_rows(torch.ones(2, 1), max_norm_factor)  # a bad factor is refused before the cache is read
+    _checked_norm_factor(max_norm_factor)  # refused before the cache is read
     key = {"activations": acts.config, "train_rows": train_rows.stop, "max_norm_factor": max_norm_factor}
     return trained_bank(lambda: without_massive_rows(acts.fp32(train_rows), max_norm_factor), key, sae, schedule,
                         store, namespace="llm-sae", **kwargs)
