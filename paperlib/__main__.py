@@ -4,9 +4,12 @@
 paperlib, SAELens, sparsify, dictionary_learning), matches every pair of runs exactly and reports
 PW-MCC with the chance level of random dictionaries of the same shapes (for runs of several widths,
 the mean over pairs of each pair's chance level), so a number is never shown without the baseline
-it has to beat, and whether every matching was certified optimal. Zero-norm decoder rows (dead
-latents) score cosine 0 and keep their slot, at every size; ``--drop-dead`` leaves them out
-instead. ``--json`` prints the same as one JSON object for scripts.
+it has to beat, whether every matching was certified optimal, and per-latent stability over
+thresholds beside its chance curve. Zero-norm decoder rows (dead latents) score cosine 0 and keep
+their slot, at every size; ``--drop-dead`` leaves them out instead. ``--json`` prints, and ``--out
+FILE`` writes, the whole result as a versioned document (``paperlib.consistency_json``: complete
+matchings, per-latent stability, provenance); ``consistency show FILE`` reads one back, checks it
+against its schema and the weight files still present, and prints the table.
 
 ``cache info`` lists entries per namespace and the temporary files interrupted writes left behind;
 ``cache clean`` removes those older than ``--max-age`` minutes (the store also does so when opened).
@@ -23,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from paperlib.consistency_json import DEFAULT_THRESHOLDS
 
 
 class UsageError(Exception):
@@ -36,14 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     cons = sub.add_parser(
         "consistency",
         help="pairwise MCC (PW-MCC) between SAE runs",
-        description="PW-MCC between the decoders of two or more SAE runs, with the chance level. "
-        "A RUN is a paperlib or SAELens directory (cfg.json + sae_weights.safetensors) or that "
-        ".safetensors file, a sparsify directory (cfg.json + sae.safetensors), or a "
-        "dictionary_learning ae.pt (or its directory).",
+        description="PW-MCC between the decoders of two or more SAE runs, with the chance level and per-latent "
+        "stability. A RUN is a paperlib or SAELens directory (cfg.json + sae_weights.safetensors) or that "
+        ".safetensors file, a sparsify directory (cfg.json + sae.safetensors), or a dictionary_learning ae.pt "
+        "(or its directory). `paperlib consistency show FILE` prints a document written with --out "
+        "(a run directory named 'show' can be given as ./show).",
     )
     cons.add_argument("runs", nargs="+", metavar="RUN", help="SAE runs to compare (at least two)")
     cons.add_argument("--abs", action="store_true", help="use |cos| (the paper's formula) instead of signed cosine")
-    cons.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    cons.add_argument("--json", action="store_true",
+                      help="print the versioned JSON document (every matching, per-latent stability, provenance) "
+                      "instead of a table")
+    cons.add_argument("--out", metavar="FILE", help="also write the JSON document to FILE")
     cons.add_argument("--device", help="torch device for the matcher's similarity scans: cpu (default), cuda, "
                       "cuda:N or auto")
     cons.add_argument("--drop-dead", action="store_true",
@@ -52,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         "--chance-samples", type=int, default=3, metavar="N",
         help="random dictionary pairs for the chance level (default 3; 0 skips it)",
     )
+    cons.add_argument("--thresholds", type=_thresholds, metavar="T,T,...",
+                      default=",".join(map(str, DEFAULT_THRESHOLDS)),
+                      help="cosines at which per-latent stability is reported (default %(default)s)")
     cons.set_defaults(func=_consistency)
     cache = sub.add_parser("cache", help="inspect the result cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -64,6 +74,27 @@ def _parser() -> argparse.ArgumentParser:
                        "one may belong to a write still in progress)")
     clean.set_defaults(func=_cache_clean)
     return parser
+
+
+def _show_parser() -> argparse.ArgumentParser:
+    show = argparse.ArgumentParser(
+        prog="paperlib consistency show",
+        description="Print a consistency document written by `paperlib consistency ... --out FILE`, after checking "
+        "it against its schema and the hashes of the weight files that are still present.",
+    )
+    show.add_argument("file", metavar="FILE", help="the JSON document")
+    show.set_defaults(func=_show)
+    return show
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(-1 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated cosines in [-1, 1], e.g. 0.5,0.7,0.9; got {text!r}")
+    return values
 
 
 def _resolve_device(device: str | None) -> str:
@@ -80,27 +111,6 @@ def _resolve_device(device: str | None) -> str:
         raise UsageError(str(exc)) from exc
 
 
-def _read_runs(runs: Sequence[str]) -> list:
-    from paperlib.io import read_decoder
-
-    decoders = []
-    for run in runs:
-        if not Path(run).exists():
-            raise UsageError(f"run {run!r} does not exist; check the path")
-        try:
-            decoders.append(read_decoder(run))
-        except (ValueError, OSError) as exc:
-            raise UsageError(f"cannot read run {run!r}: {exc}") from exc
-    first = decoders[0]
-    for run, dec in zip(runs[1:], decoders[1:]):
-        if dec.d_model != first.d_model:
-            raise UsageError(
-                f"run {run!r} has d_model {dec.d_model} but run {runs[0]!r} has d_model {first.d_model}; "
-                "compare SAEs trained on the same activations (same model and layer)"
-            )
-    return decoders
-
-
 def _consistency(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise UsageError(
@@ -110,96 +120,86 @@ def _consistency(args: argparse.Namespace) -> int:
     if args.chance_samples < 0:
         raise UsageError(f"--chance-samples must be >= 0, got {args.chance_samples}")
     device = _resolve_device(args.device)
-    from paperlib.consistency import chance_pw_mcc, pw_mcc
+    from paperlib.atomic import write_text
+    from paperlib.consistency_json import compare
 
-    decoders = _read_runs(args.runs)
-    signed = not args.abs
-    dead = [int((~np.asarray(d.W_dec).any(axis=1)).sum()) for d in decoders]
-    if args.drop_dead:
-        for run, d, n in zip(args.runs, decoders, dead):
-            if n == d.n_latents:
-                raise UsageError(f"run {run!r} has only zero-norm decoder rows; nothing is left with --drop-dead")
-    live = [d.n_latents - n if args.drop_dead else d.n_latents for d, n in zip(decoders, dead)]
     try:
-        consistency = pw_mcc([_live_rows(d.W_dec) if args.drop_dead else d.W_dec for d in decoders], signed,
-                             device=device)
-        chance, by_widths = None, None
-        if args.chance_samples > 0:
-            c = chance_pw_mcc(live, decoders[0].d_model, args.chance_samples, signed=signed, device=device)
-            chance = {"mean": c.mean, "std": c.std, "samples": c.n_samples}
-            by_widths = [{"n_a": a, "n_b": b, "pairs": c.pairs[(a, b)], "mean": v.mean, "std": v.std}
-                         for (a, b), v in c.by_widths.items()]
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"cannot match runs {', '.join(map(repr, args.runs))}: {exc}") from exc
-    pairs, d_model = consistency.pairs, decoders[0].d_model
-    result = {
-        "runs": list(args.runs),
-        "layouts": [d.layout for d in decoders],
-        "n_latents": [d.n_latents for d in decoders],
-        "zero_rows": dead,
-        "drop_dead": bool(args.drop_dead),
-        "d_model": d_model,
-        "signed": signed,
-        "pw_mcc": consistency.mean,
-        "pw_mcc_std": consistency.std,
-        "certified": all(m.certified for m in consistency.matches),
-        "pairs": [{"a": args.runs[i], "b": args.runs[j], "mcc": float(v), "certified": bool(m.certified)}
-                  for (i, j, v), m in zip(pairs, consistency.matches)],
-        "chance": chance,
-        "chance_by_widths": by_widths,
-    }
-    print(json.dumps(result, indent=1) if args.json else _table(result, pairs))
+        document = compare(args.runs, signed=not args.abs, drop_dead=args.drop_dead, device=device,
+                           chance_samples=args.chance_samples, thresholds=args.thresholds)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    text = json.dumps(document)
+    if args.out:
+        write_text(args.out, text + "\n")
+    print(text if args.json else _table(document))
     return 0
 
 
-def _live_rows(W):
-    """The decoder rows with a non-zero norm (``--drop-dead``)."""
-    W = np.asarray(W)
-    return W[W.any(axis=1)]
+def _show(args: argparse.Namespace) -> int:
+    from paperlib.consistency_json import read
+
+    try:
+        document, checks = read(args.file)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"{args.file}: written {document['created']} by paperlib {document['software']['paperlib']}; weight files: "
+          + ", ".join(f"[{i}] {c}" for i, c in enumerate(checks, 1)))
+    print(_table(document))
+    return 0
 
 
-def _table(result: dict, pairs: list[tuple[int, int, float]]) -> str:
-    """Runs as numbered rows (paths can be long), then the symmetric MCC matrix and the summary."""
-    runs, R = result["runs"], len(result["runs"])
-    kind = "signed cosine" if result["signed"] else "|cos|"
-    lines = [f"PW-MCC of {R} runs ({kind}), d_model = {result['d_model']}", ""]
-    for i, (run, layout, n, z) in enumerate(zip(runs, result["layouts"], result["n_latents"], result["zero_rows"]), 1):
+def _table(doc: dict) -> str:
+    """Runs as numbered rows (paths can be long), then the symmetric MCC matrix, the summary and
+    the per-latent stability curve."""
+    runs, R, d_model = doc["runs"], len(doc["runs"]), doc["d_model"]
+    kind = "signed cosine" if doc["cosine"] == "signed" else "|cos|"
+    lines = [f"PW-MCC of {R} runs ({kind}), d_model = {d_model}", ""]
+    for i, run in enumerate(runs, 1):
         note = ""
-        if z:
-            how = "left out" if result["drop_dead"] else "scored 0; --drop-dead leaves them out"
-            note = f", {z} zero-norm rows {how}"
-        lines.append(f"  [{i}] {run}  ({layout}, {n} latents{note})")
+        if run["zero_rows"]:
+            how = "left out" if doc["drop_dead"] else "scored 0; --drop-dead leaves them out"
+            note = f", {run['zero_rows']} zero-norm rows {how}"
+        lines.append(f"  [{i}] {run['path']}  ({run['layout']}, {run['n_latents']} latents{note})")
     matrix = [["—"] * R for _ in range(R)]
-    for i, j, v in pairs:
-        matrix[i][j] = matrix[j][i] = f"{v:.4f}"
+    for p in doc["pairs"]:
+        matrix[p["a"]][p["b"]] = matrix[p["b"]][p["a"]] = f"{p['mcc']:.4f}"
     width = max(7, len(f"[{R}]"))
     lines += ["", "pairwise MCC", " " * (width + 1) + " ".join(f"[{j + 1}]".rjust(width) for j in range(R))]
     for i in range(R):
         lines.append(f"[{i + 1}]".ljust(width + 1) + " ".join(cell.rjust(width) for cell in matrix[i]))
-    lines += ["", f"PW-MCC = {result['pw_mcc']:.4f} ± {result['pw_mcc_std']:.4f} over {len(pairs)} pairs"]
-    uncertified = [f"[{i + 1}]-[{j + 1}]" for (i, j, _), p in zip(pairs, result["pairs"]) if not p["certified"]]
+    pairs = doc["pairs"]
+    lines += ["", f"PW-MCC = {doc['pw_mcc']:.4f} ± {doc['pw_mcc_std']:.4f} over {len(pairs)} pairs"]
+    uncertified = [f"[{p['a'] + 1}]-[{p['b'] + 1}]" for p in pairs if not p["certified"]]
     if uncertified:
         lines.append(f"matchings: {len(uncertified)} of {len(pairs)} NOT certified optimal ({', '.join(uncertified)}); "
                      "their MCC may be too low")
     else:
         lines.append(f"matchings: all {len(pairs)} certified optimal")
-    chance = result["chance"]
+    chance = doc["chance"]
     if chance is None:
         lines.append("chance level: skipped (--chance-samples 0)")
-    elif len(result["chance_by_widths"]) == 1:
-        n_a, n_b = result["chance_by_widths"][0]["n_a"], result["chance_by_widths"][0]["n_b"]
+    elif len(chance["by_widths"]) == 1:
+        w = chance["by_widths"][0]
         lines.append(
             f"chance  = {chance['mean']:.4f} ± {chance['std']:.4f} ({chance['samples']} pairs of random "
-            f"Gaussian dictionaries, {n_a} x {n_b} latents, d_model {result['d_model']})"
+            f"Gaussian dictionaries, {w['n_a']} x {w['n_b']} latents, d_model {d_model})"
         )
     else:
-        parts = ", ".join(f"{w['n_a']} x {w['n_b']}: {w['mean']:.4f} ({w['pairs']} pairs)"
-                          for w in result["chance_by_widths"])
+        parts = ", ".join(f"{w['n_a']} x {w['n_b']}: {w['mean']:.4f} ({w['pairs']} pairs)" for w in chance["by_widths"])
         lines.append(
             f"chance  = {chance['mean']:.4f} ± {chance['std']:.4f} (mean over the {len(pairs)} pairs of each pair's "
             f"chance level; {chance['samples']} pairs of random Gaussian dictionaries per width pair, d_model "
-            f"{result['d_model']}: {parts})"
+            f"{d_model}: {parts})"
         )
+    stability = doc["stability"]
+    lines += ["", "per-latent stability at cosine t: mean = share of the other runs where a latent's match reaches t, "
+              "averaged over latents; in all = share of latents that reach t in every other run"]
+    header = ["t", "mean", "in all"] + ([] if stability["chance_curve"] is None else ["chance"])
+    lines.append("  " + " ".join(h.rjust(9) for h in header))
+    chance_curve = stability["chance_curve"] or [None] * len(stability["thresholds"])
+    for t, mean, every, c in zip(stability["thresholds"], stability["curve"], stability["everywhere"], chance_curve):
+        cells = [f"{t:g}", f"{mean:.3f}", f"{every:.3f}"] + ([] if c is None else [f"{c:.3f}"])
+        lines.append("  " + " ".join(cell.rjust(9) for cell in cells))
     return "\n".join(lines)
 
 
@@ -268,9 +268,11 @@ def _cache_clean(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m paperlib`` and the ``paperlib`` script; returns the exit code."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show = argv[:2] == ["consistency", "show"]
+    parser = _show_parser() if show else _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv[2:] if show else argv)
     except SystemExit as exc:  # argparse has printed usage or help already
         return int(exc.code or 0)
     try:

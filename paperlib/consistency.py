@@ -28,7 +28,7 @@ matching of size m = min(n_A, n_B), solved exactly as a linear assignment proble
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 
 import numpy as np
@@ -65,6 +65,8 @@ class MatchResult:
     cols: np.ndarray
     signed: bool
     certified: bool = True
+    solver: str = "dense"  # "dense" (scipy) or "sparse" (paperlib.matching's certified solver)
+
 
 # Up to this many latents (either side) the dense float64 solver is used; above it the sparse
 # certified one. Both score zero-norm rows as cosine 0 (module docstring).
@@ -96,13 +98,14 @@ def match(A, B, signed: bool = True, alive_a=None, alive_b=None, device: str | N
     a, b = a[keep_a], b[keep_b]
     if max(len(a), len(b)) > DENSE_LIMIT:
         rows, cols, similarity, certified = _match_with_zero_rows(a, b, signed, device)
+        solver = "sparse"
     else:
         sim = a @ b.T
         if not signed:
             sim = np.abs(sim)
         rows, cols = linear_sum_assignment(sim, maximize=True)
-        similarity, certified = sim[rows, cols], True
-    return MatchResult(float(similarity.mean()), similarity, keep_a[rows], keep_b[cols], signed, certified)
+        similarity, certified, solver = sim[rows, cols], True, "dense"
+    return MatchResult(float(similarity.mean()), similarity, keep_a[rows], keep_b[cols], signed, certified, solver)
 
 
 def _device(device) -> str | None:
@@ -189,13 +192,17 @@ class PairwiseMCC:
     signed: bool
 
 
-def pw_mcc(dictionaries, signed: bool = True, device: str | None = None) -> PairwiseMCC:
-    """Pairwise MCC between independent runs (same data, architecture and width; other seeds)."""
+def pw_mcc(dictionaries, signed: bool = True, device: str | None = None, alive=None) -> PairwiseMCC:
+    """Pairwise MCC between independent runs (same data, architecture and width; other seeds).
+    ``alive``: one mask per run (see ``match``); the matchings' indices stay the runs' own."""
     runs = _as_runs(dictionaries)
     if len(runs) < 2:
         raise ValueError(f"PW-MCC needs at least two runs, got {len(runs)}; train more seeds")
+    alive = [None] * len(runs) if alive is None else list(alive)
+    if len(alive) != len(runs):
+        raise ValueError(f"alive needs one mask per run: {len(runs)} runs, {len(alive)} masks")
     index = list(combinations(range(len(runs)), 2))
-    matches = [match(runs[i], runs[j], signed, device=device) for i, j in index]
+    matches = [match(runs[i], runs[j], signed, alive[i], alive[j], device=device) for i, j in index]
     values = np.array([m.mcc for m in matches])
     pairs = [(i, j, m.mcc) for (i, j), m in zip(index, matches)]
     return PairwiseMCC(float(values.mean()), float(values.std()), pairs, matches, signed)
@@ -278,12 +285,14 @@ def shared_latents(dec_a, dec_b, enc_a, enc_b, threshold: float = 0.7) -> Shared
 
 @dataclass(frozen=True)
 class Chance:
-    """MCC of random dictionaries of given shapes: mean and std over sampled pairs."""
+    """MCC of random dictionaries of given shapes: mean and std over sampled pairs, and every
+    sampled pair's matched cosines pooled (the chance distribution of a matched latent's cosine)."""
 
     mean: float
     std: float
     n_samples: int
     signed: bool
+    similarity: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
 
 def chance_mcc(
@@ -293,11 +302,11 @@ def chance_mcc(
     if min(n_a, n_b, d, n_samples) < 1:
         raise ValueError(f"chance_mcc needs positive sizes, got n_a={n_a}, n_b={n_b}, d={d}, n_samples={n_samples}")
     rng = np.random.default_rng(seed)
-    values = np.array([
-        match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device).mcc
-        for _ in range(n_samples)
-    ])
-    return Chance(float(values.mean()), float(values.std()), n_samples, signed)
+    results = [match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device)
+               for _ in range(n_samples)]
+    values = np.array([r.mcc for r in results])
+    return Chance(float(values.mean()), float(values.std()), n_samples, signed,
+                  np.concatenate([r.similarity for r in results]))
 
 
 @dataclass(frozen=True)

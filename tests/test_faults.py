@@ -272,8 +272,10 @@ def test_cli_reports_zero_rows_and_can_drop_them(capsys, tmp_path):
     assert "PW-MCC = 0.7500" in out
     code, out, _ = _run(capsys, "consistency", a, b, "--json", "--drop-dead", "--chance-samples", "1")
     result = json.loads(out)
-    assert result["pw_mcc"] == pytest.approx(1.0) and result["zero_rows"] == [0, 3]
-    assert result["chance_by_widths"][0]["n_a"] == 9 and result["chance_by_widths"][0]["n_b"] == 12
+    assert result["pw_mcc"] == pytest.approx(1.0) and [r["zero_rows"] for r in result["runs"]] == [0, 3]
+    assert result["chance"]["by_widths"][0]["n_a"] == 9 and result["chance"]["by_widths"][0]["n_b"] == 12
+    assert result["pairs"][0]["rows"] == list(range(3, 12))  # the live latents, by their own index
+    assert result["stability"]["latents"][1][:3] == [[None]] * 3  # dropped, not scored
 
 
 # -------------------------------------------------------------------- 7. bad training inputs
