@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="print the versioned JSON document (every matching, per-latent stability, provenance) "
                       "instead of a table")
     cons.add_argument("--out", metavar="FILE", help="also write the JSON document to FILE")
+    cons.add_argument("--html", metavar="FILE",
+                      help="also write the consistency explorer page (the first run's latents) to FILE")
     cons.add_argument("--device", help="torch device for the matcher's similarity scans: cpu (default), cuda, "
                       "cuda:N or auto")
     cons.add_argument("--drop-dead", action="store_true",
@@ -83,6 +85,7 @@ def _show_parser() -> argparse.ArgumentParser:
         "it against its schema and the hashes of the weight files that are still present.",
     )
     show.add_argument("file", metavar="FILE", help="the JSON document")
+    show.add_argument("--html", metavar="PAGE", help="also write its consistency explorer page to PAGE")
     show.set_defaults(func=_show)
     return show
 
@@ -131,8 +134,17 @@ def _consistency(args: argparse.Namespace) -> int:
     text = json.dumps(document)
     if args.out:
         write_text(args.out, text + "\n")
+    _write_page(args.html, document)
     print(text if args.json else _table(document))
     return 0
+
+
+def _write_page(path: str | None, document: dict) -> None:
+    """The consistency explorer of the document's first run, when ``--html`` asks for it."""
+    from paperlib.explorer import write_consistency_explorer
+
+    if path:
+        write_consistency_explorer(path, document, title=f"Consistency of {len(document['runs'])} SAE runs")
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -142,6 +154,7 @@ def _show(args: argparse.Namespace) -> int:
         document, checks = read(args.file)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    _write_page(args.html, document)
     print(f"{args.file}: written {document['created']} by paperlib {document['software']['paperlib']}; weight files: "
           + ", ".join(f"[{i}] {c}" for i, c in enumerate(checks, 1)))
     print(_table(document))

@@ -61,11 +61,26 @@ def read_runs(paths: Sequence[str]) -> list:
     return decoders
 
 
-def compare(paths: Sequence[str], *, signed: bool = True, drop_dead: bool = False, device: str = "cpu",
-            chance_samples: int = 3, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
-    """Compare the SAE runs at ``paths`` (at least two) and return the document (module docstring).
-    ``drop_dead`` leaves zero-norm decoder rows out of the matchings instead of scoring them 0;
-    ``chance_samples`` = 0 skips the chance levels."""
+def compare(paths: Sequence[str], **options) -> dict:
+    """Compare the SAE runs saved at ``paths`` (at least two); ``options`` as for ``document``."""
+    paths = [str(p) for p in paths]
+    if len(paths) < 2:
+        raise ValueError(f"consistency needs at least two runs to compare, got {len(paths)} "
+                         f"({', '.join(map(repr, paths))}); pass the SAEs of two or more seeds")
+    decoders = read_runs(paths)
+    return document([d.W_dec for d in decoders], paths, layouts=[d.layout for d in decoders],
+                    weight_files=[d.path for d in decoders], **options)
+
+
+def document(dictionaries: Sequence, names: Sequence[str], *, layouts: Sequence[str] | None = None,
+             weight_files: Sequence[str | Path] | None = None, signed: bool = True, drop_dead: bool = False,
+             device: str = "cpu", chance_samples: int = 3,
+             thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
+    """The document (module docstring) for decoders ``dictionaries`` ([n_latents, d_model] each) named
+    ``names``. Runs read from files give their ``layouts`` and ``weight_files`` (hashed); in-memory
+    runs (e.g. the seeds of a bank) are layout "paperlib" and their decoder rows, as float32, are
+    hashed instead. ``drop_dead`` leaves zero-norm decoder rows out of the matchings instead of
+    scoring them 0; ``chance_samples`` = 0 skips the chance levels."""
     import scipy
     import torch
 
@@ -73,30 +88,30 @@ def compare(paths: Sequence[str], *, signed: bool = True, drop_dead: bool = Fals
     from paperlib.consistency import chance_pw_mcc, pw_mcc
     from paperlib.stability import chance_curve, latent_stability
 
-    paths = [str(p) for p in paths]
-    if len(paths) < 2:
-        raise ValueError(f"consistency needs at least two runs to compare, got {len(paths)} "
-                         f"({', '.join(map(repr, paths))}); pass the SAEs of two or more seeds")
+    names = [str(n) for n in names]
+    W = [np.ascontiguousarray(_float32(d)) for d in dictionaries]
+    if len(W) != len(names) or len(W) < 2:
+        raise ValueError(f"document needs two or more dictionaries and one name each, got {len(W)} and {len(names)}")
     if chance_samples < 0:
         raise ValueError(f"chance_samples must be >= 0, got {chance_samples}")
     thresholds = [float(t) for t in thresholds]
-    decoders = read_runs(paths)
-    live = [np.asarray(d.W_dec).any(axis=1) for d in decoders]
+    live = [w.any(axis=1) for w in W]
     if drop_dead:
-        for run, mask in zip(paths, live):
+        for run, mask in zip(names, live):
             if not mask.any():
                 raise ValueError(f"run {run!r} has only zero-norm decoder rows; "
                                  "nothing is left when dead latents are dropped")
     alive = live if drop_dead else None
     try:
-        result = pw_mcc([d.W_dec for d in decoders], signed, device=device, alive=alive)
+        result = pw_mcc(W, signed, device=device, alive=alive)
         chance = None
         if chance_samples:
-            widths = [int(m.sum()) if drop_dead else d.n_latents for m, d in zip(live, decoders)]
-            chance = chance_pw_mcc(widths, decoders[0].d_model, chance_samples, signed=signed, device=device)
+            widths = [int(m.sum()) if drop_dead else len(w) for m, w in zip(live, W)]
+            chance = chance_pw_mcc(widths, W[0].shape[1], chance_samples, signed=signed, device=device)
     except (ValueError, RuntimeError) as exc:
-        raise ValueError(f"cannot match runs {', '.join(map(repr, paths))}: {exc}") from exc
-    stability = latent_stability(result, [d.n_latents for d in decoders], alive)
+        raise ValueError(f"cannot match runs {', '.join(map(repr, names))}: {exc}") from exc
+    stability = latent_stability(result, [len(w) for w in W], alive)
+    files = [None] * len(W) if weight_files is None else [str(f) for f in weight_files]
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -104,10 +119,12 @@ def compare(paths: Sequence[str], *, signed: bool = True, drop_dead: bool = Fals
                      "scipy": scipy.__version__, "python": platform.python_version()},
         "cosine": "signed" if signed else "absolute",
         "drop_dead": bool(drop_dead),
-        "d_model": decoders[0].d_model,
-        "runs": [{"path": p, "layout": d.layout, "weights": str(d.path), "sha256": sha256(d.path),
-                  "n_latents": d.n_latents, "zero_rows": int((~m).sum())}
-                 for p, d, m in zip(paths, decoders, live)],
+        "d_model": int(W[0].shape[1]),
+        "runs": [{"path": name, "layout": layout, "weights": f,
+                  "sha256": sha256(f) if f is not None else hashlib.sha256(w.astype("<f4").tobytes()).hexdigest(),
+                  "sha256_of": "weights" if f is not None else "decoder",
+                  "n_latents": len(w), "zero_rows": int((~m).sum())}
+                 for name, layout, f, w, m in zip(names, layouts or ["paperlib"] * len(W), files, W, live)],
         "pw_mcc": result.mean,
         "pw_mcc_std": result.std,
         "certified": all(m.certified for m in result.matches),
@@ -127,6 +144,16 @@ def compare(paths: Sequence[str], *, signed: bool = True, drop_dead: bool = Fals
             "latents": [[[None if np.isnan(v) else float(v) for v in row] for row in c] for c in stability.cosines],
         },
     }
+
+
+def _float32(dictionary) -> np.ndarray:
+    """A decoder [n_latents, d_model] as a float32 numpy array (torch tensors from any device)."""
+    if hasattr(dictionary, "detach"):
+        dictionary = dictionary.detach().float().cpu().numpy()
+    array = np.asarray(dictionary, dtype=np.float32)
+    if array.ndim != 2 or min(array.shape) == 0:
+        raise ValueError(f"a decoder must be a non-empty 2-D array [n_latents, d_model], got shape {array.shape}")
+    return array
 
 
 def validate(document: object, source: str = "document") -> dict:
@@ -176,6 +203,9 @@ def read(path: str | Path) -> tuple[dict, list[str]]:
     validate(document, str(path))
     checks = []
     for i, run in enumerate(document["runs"]):
+        if run["sha256_of"] == "decoder":
+            checks.append("in memory")  # a bank's seeds: no file to check
+            continue
         weights = Path(run["weights"])
         if not weights.is_file():
             checks.append("absent")

@@ -9,12 +9,17 @@ inserted with ``textContent``, never as HTML, so contexts cannot inject markup.
 Schema (checked, errors name the item and the key):
 
 * ``latents``: list of dicts with ``id`` (int), ``label`` (str: e.g. its top tokens), ``frequency``
-  (float: fraction of tokens), ``contexts`` (list of str, activating token between « and »); optional
+  (float: fraction of tokens; None when unknown, e.g. decoder weights only), ``contexts`` (list of
+  str, activating token between « and »; may be empty); optional
   ``parts`` (list of [meta-latent id, weight]), ``cosine`` (float: cosine of the latent's direction
   with its meta-SAE reconstruction), ``neighbours`` (list of dicts with ``sae``, ``latent``, ``cos``,
   ``label``), ``tags`` (list of str, e.g. "example").
 * ``meta_latents``: dict id -> dict with ``label`` (str), ``frequency`` (float: fraction of latents)
   and optional ``members`` (list of [latent id, weight, label]) and ``neighbours`` (as above).
+
+``write_consistency_explorer`` builds the second page on the same machinery: the latents of one run
+of a consistency document (``paperlib.consistency_json``), most stable first, each with its matched
+partner and cosine in every other run, tagged stable / below chance, with the chance level.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ _SCRIPT = r"""
 const D = JSON.parse(document.getElementById('data').textContent);
 const byId = new Map(D.latents.map(l => [l.id, l]));
 const el = (tag, text, cls) => { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; };
-const pct = f => (100 * f).toPrecision(3) + '%';
+const pct = f => f === null ? '\u2013' : (100 * f).toPrecision(3) + '%';
 function context(text) {
   const div = el('div', undefined, 'ctx'); let rest = text;
   while (true) { const a = rest.indexOf('\u00ab'), b = rest.indexOf('\u00bb', a + 1);
@@ -71,12 +76,12 @@ function showLatent(id) {
   const l = byId.get(id), m = document.getElementById('main'); m.replaceChildren(); current = id;
   document.querySelectorAll('#list div').forEach(d => d.classList.toggle('on', d.dataset.id == String(id)));
   const h = el('h1', 'latent ' + l.id + ': ' + l.label); (l.tags || []).forEach(t => h.append(el('span', t, 'tag'))); m.append(h);
-  m.append(el('div', 'fires on ' + pct(l.frequency) + ' of held-out tokens' + (l.cosine === undefined || l.cosine === null ? '' : '; meta-SAE reconstruction cosine ' + l.cosine.toFixed(3)), 'note'));
+  m.append(el('div', (l.frequency === null ? 'firing frequency not known (decoder weights only)' : 'fires on ' + pct(l.frequency) + ' of held-out tokens') + (l.cosine === undefined || l.cosine === null ? '' : '; meta-SAE reconstruction cosine ' + l.cosine.toFixed(3)), 'note'));
   if (l.parts && l.parts.length) { m.append(el('h2', 'decomposition into meta-latents'));
     m.append(table(['meta-latent', 'weight', 'label', 'fires on'], l.parts.map(([k, w]) => { const q = D.meta_latents[k] || {label: '?', frequency: NaN};
       return [link('#' + k, () => showMeta(k)), w.toFixed(3), q.label, pct(q.frequency) + ' of latents']; }))); }
-  m.append(el('h2', 'top contexts (held-out tokens)')); l.contexts.forEach(c => m.append(context(c)));
-  if (l.neighbours && l.neighbours.length) { m.append(el('h2', 'nearest latents in other SAEs (decoder cosine)')); m.append(neighbours(l.neighbours)); }
+  if (l.contexts.length) { m.append(el('h2', 'top contexts (held-out tokens)')); l.contexts.forEach(c => m.append(context(c))); }
+  if (l.neighbours && l.neighbours.length) { m.append(el('h2', D.neighbour_heading)); m.append(neighbours(l.neighbours)); }
 }
 function showMeta(k) {
   const q = D.meta_latents[k], m = document.getElementById('main'); m.replaceChildren();
@@ -121,7 +126,7 @@ def _neighbours(items: Any, where: str) -> list[dict]:
     return out
 
 
-def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping]) -> dict:
+def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping], neighbour_heading: str) -> dict:
     if not latents:
         raise ValueError("the explorer needs at least one latent")
     clean, seen = [], set()
@@ -134,8 +139,9 @@ def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping]) -> d
         contexts = _need(item, "contexts", (list, tuple), where)
         if not all(isinstance(c, str) for c in contexts):
             raise ValueError(f"{where}['contexts'] must be a list of strings")
+        frequency = _need(item, "frequency", (int, float, type(None)), where)
         entry = {"id": lid, "label": _need(item, "label", str, where),
-                 "frequency": _number(_need(item, "frequency", (int, float), where), f"{where}['frequency']"),
+                 "frequency": None if frequency is None else _number(frequency, f"{where}['frequency']"),
                  "contexts": list(contexts), "tags": [str(t) for t in item.get("tags", [])],
                  "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']")}
         parts = item.get("parts") or []
@@ -156,14 +162,15 @@ def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping]) -> d
                                                    f"{where}['frequency']"),
                               "members": members,
                               "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']")}
-    return {"latents": clean, "meta_latents": metas}
+    return {"latents": clean, "meta_latents": metas, "neighbour_heading": neighbour_heading}
 
 
 def write_explorer(path: str | Path, title: str, notes: str, latents: Sequence[Mapping],
-                   meta_latents: Mapping[int, Mapping] | None = None) -> Path:
+                   meta_latents: Mapping[int, Mapping] | None = None,
+                   neighbour_heading: str = "nearest latents in other SAEs (decoder cosine)") -> Path:
     """Write the explorer page to ``path`` atomically (see the module docstring for the schema);
     ``notes`` is shown under the title as plain text (what the SAEs are, how the page was made)."""
-    data = _check(latents, meta_latents or {})
+    data = _check(latents, meta_latents or {}, neighbour_heading)
     # Every "<" as \u003c: "</script>" would end the data block early, and "<!--<script>" would make the
     # HTML parser swallow the page's own script (a blank page); "<" only occurs inside JSON strings.
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
@@ -176,3 +183,61 @@ def write_explorer(path: str | Path, title: str, notes: str, latents: Sequence[M
             f"<script type=\"application/json\" id=\"data\">{payload}</script>\n"
             f"<script>{_SCRIPT}</script></body></html>\n")
     return write_text(path, page)
+
+
+def write_consistency_explorer(path: str | Path, document: Mapping, *, run: int = 0, title: str | None = None,
+                               labels: Sequence[str] | None = None, frequencies: Sequence[float] | None = None,
+                               contexts: Sequence[Sequence[str]] | None = None) -> Path:
+    """The consistency explorer of run ``run`` of a consistency document: its latents sorted by their
+    mean matched cosine in the other runs, each with its partner in every other run. Optional, per
+    latent of that run: ``labels`` (e.g. top tokens), ``frequencies`` (fraction of held-out tokens)
+    and ``contexts``. Tags: "stable" (cosine >= the document's highest threshold in every other
+    run), "below chance" (mean matched cosine under the chance MCC of random dictionaries), "left
+    out" (a dead latent that ``drop_dead`` kept out of the matchings)."""
+    runs, pairs = document["runs"], document["pairs"]
+    if not 0 <= run < len(runs):
+        raise ValueError(f"run must index the document's {len(runs)} runs, got {run}")
+    n = runs[run]["n_latents"]
+    for name, given in (("labels", labels), ("frequencies", frequencies), ("contexts", contexts)):
+        if given is not None and len(given) != n:
+            raise ValueError(f"{name} must have one entry per latent of run {run} ({n}), got {len(given)}")
+    partner = {}  # other run -> latent of `run` -> (partner latent, cosine)
+    for p in pairs:
+        if run in (p["a"], p["b"]):
+            own, other = ("rows", "cols") if p["a"] == run else ("cols", "rows")
+            partner[p["b"] if p["a"] == run else p["a"]] = {
+                i: (j, c) for i, j, c in zip(p[own], p[other], p["cosine"])}
+    cosines = document["stability"]["latents"][run]
+    chance = document["chance"]["mean"] if document["chance"] else None
+    stable_at = max(document["stability"]["thresholds"])
+    names = [f"[{r + 1}] {runs[r]['path']}" for r in range(len(runs))]
+
+    def mean(i: int) -> float:
+        live = [c for c in cosines[i] if c is not None]
+        return sum(live) / len(live) if live else -math.inf
+
+    latents = []
+    for i in sorted(range(n), key=lambda i: (-mean(i), i)):
+        live = [c for c in cosines[i] if c is not None]
+        tags = (["left out"] if not live else
+                (["stable"] if min(live) >= stable_at else []) + (["below chance"] if chance is not None
+                                                                  and mean(i) < chance else []))
+        label = labels[i] if labels is not None else (f"mean cos {mean(i):.3f}" if live else "dead")
+        neighbours = [{"sae": names[r], "latent": j, "cos": c, "label": _verdict(c, stable_at, chance)}
+                      for r in sorted(partner) if i in partner[r] for j, c in [partner[r][i]]]
+        latents.append({"id": i, "label": label, "tags": tags, "neighbours": neighbours,
+                        "frequency": None if frequencies is None else float(frequencies[i]),
+                        "contexts": [] if contexts is None else list(contexts[i])})
+    pw = f"PW-MCC {document['pw_mcc']:.3f} ± {document['pw_mcc_std']:.3f}"
+    notes = (f"{pw}" + (f" (chance {chance:.3f})" if chance is not None else "") + f" over {len(runs)} runs "
+             f"({document['cosine']} cosine, d_model {document['d_model']}). Latents of {names[run]}, most stable first; "
+             f"'stable': cosine >= {stable_at:g} in every other run; 'below chance': mean matched cosine under the "
+             "chance level.")
+    return write_explorer(path, title or "Consistency explorer", notes, latents,
+                          neighbour_heading="matched partner in each other run (decoder cosine)")
+
+
+def _verdict(cos: float, stable_at: float, chance: float | None) -> str:
+    if cos >= stable_at:
+        return "reappears"
+    return "below chance" if chance is not None and cos < chance else ""

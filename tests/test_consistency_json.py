@@ -158,3 +158,19 @@ def test_the_sparse_solver_is_named_and_gives_the_dense_result(capsys, tmp_path,
     sparse, _ = _document(capsys, tmp_path, runs)
     assert {p["solver"] for p in sparse["pairs"]} == {"sparse"} and sparse["certified"] is True
     assert validate(sparse)["pw_mcc"] == pytest.approx(dense["pw_mcc"], abs=1e-6)
+
+
+def test_a_bank_compared_in_memory_is_hashed_by_its_decoder_rows(capsys, tmp_path):
+    from paperlib.consistency_json import document
+    from paperlib.sae import SAEBank, SAEConfig
+
+    bank = SAEBank(SAEConfig(d_model=D, n_latents=32, architecture="topk", k=4, n_seeds=3))
+    W = bank.decoder_directions()
+    doc = validate(document(list(W), ["seed 0", "seed 1", "seed 2"], chance_samples=1))
+    assert [r["sha256_of"] for r in doc["runs"]] == ["decoder"] * 3 and doc["runs"][0]["weights"] is None
+    assert doc["runs"][0]["sha256"] == hashlib.sha256(W[0].numpy().astype("<f4").tobytes()).hexdigest()
+    path = tmp_path / "bank.json"
+    path.write_text(json.dumps(doc))
+    assert read(path)[1] == ["in memory"] * 3
+    with pytest.raises(ValueError, match="two or more dictionaries and one name each"):
+        document(list(W), ["seed 0"])

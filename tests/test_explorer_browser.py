@@ -1,4 +1,4 @@
-"""The meta-SAE explorer page (paperlib.explorer.write_explorer) driven in a real headless Chromium.
+"""The explorer pages (paperlib.explorer: the meta-SAE page and the consistency explorer) in a real headless Chromium.
 
 tests/test_family.py checks the HTML text; only a browser runs the page's inline script. Here
 playwright (PyPI) drives Debian's ``chromium`` (``make test`` installs it when it can, see the
@@ -171,9 +171,9 @@ def test_selecting_a_latent_shows_its_details(page: Page) -> None:
     assert _rows(page, "nearest latents in other SAEs (decoder cosine)") == [["288", "7", "0.800", "France"]]
 
     page.locator("#filter").fill("")
-    page.locator("#list > div", has_text="40 · ").click()  # no parts, no contexts, no neighbours: headings only
+    page.locator("#list > div", has_text="40 · ").click()  # no parts, no contexts, no neighbours: no sections
     assert _heading(page) == ("latent 40: <i>of</i>", [])
-    assert main.locator("h2").all_inner_texts() == ["top contexts (held-out tokens)"]
+    assert main.locator("h2").all_inner_texts() == []
     assert main.locator(".ctx").count() == 0
 
 
@@ -225,5 +225,40 @@ def test_comment_and_script_tags_in_data_leave_the_page_working(browser: Browser
     assert page.locator("#main .ctx").inner_text() == "a <!-- b <script> c"
     page.locator("#list > div", has_text="2 · ").click()
     assert _heading(page) == ("latent 2: </script> <!--", [])
+    page.close()
+    assert errors == []
+
+
+# ------------------------------------------------------------------ the consistency explorer
+def test_consistency_explorer_lists_stable_latents_first_with_their_partners(browser: Browser, tmp_path: Path) -> None:
+    """The page `paperlib consistency ... --html` writes: three runs that share 12 of their atoms (the
+    runs of tests/test_consistency_json.py). The shared latents come first, tagged stable, each with
+    its partner in both other runs; the run's own latents are last and flagged below chance; a
+    selected latent shows its partners and says its firing frequency is unknown (decoder only)."""
+    from paperlib.__main__ import main
+    from test_consistency_json import runs as make_runs
+
+    runs = make_runs.__wrapped__(tmp_path)
+    out = tmp_path / "consistency.html"
+    assert main(["consistency", *runs, "--html", str(out), "--chance-samples", "2"]) == 0
+    errors: list[str] = []
+    page = _open(browser, out, errors)
+    entries = _entries(page)
+    assert len(entries) == 20
+    assert page.title() == "Consistency of 3 SAE runs" and "PW-MCC" in page.locator("#side .note").inner_text()
+    stable = page.locator("#filter")
+    stable.fill("stable")
+    assert len(_entries(page)) == 12  # the shared atoms, and only they
+    stable.fill("below chance")
+    flagged = _entries(page)
+    assert 1 <= len(flagged) <= 8 and all(e in entries[12:] for e in flagged)
+    stable.fill("")
+    page.locator("#list > div").nth(0).click()
+    title, tags = _heading(page)
+    assert tags == ["stable"] and title.startswith("latent ")
+    partners = _rows(page, "matched partner in each other run (decoder cosine)")
+    assert [row[0] for row in partners] == [f"[2] {runs[1]}", f"[3] {runs[2]}"]
+    assert all(float(row[2]) > 0.9 and row[3] == "reappears" for row in partners)
+    assert "firing frequency not known" in page.locator("#main .note").inner_text()
     page.close()
     assert errors == []
