@@ -131,11 +131,10 @@ def _consistency(args: argparse.Namespace) -> int:
                            chance_samples=args.chance_samples, thresholds=args.thresholds)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    text = json.dumps(document)
     if args.out:
-        write_text(args.out, text + "\n")
+        write_text(args.out, json.dumps(document) + "\n")
     _write_page(args.html, document)
-    print(text if args.json else _table(document))
+    print(json.dumps(document) if args.json else _table(document))
     return 0
 
 

@@ -212,17 +212,13 @@ def write_consistency_explorer(path: str | Path, document: Mapping, *, run: int 
     stable_at = max(document["stability"]["thresholds"])
     names = [f"[{r + 1}] {runs[r]['path']}" for r in range(len(runs))]
 
-    def mean(i: int) -> float:
-        live = [c for c in cosines[i] if c is not None]
-        return sum(live) / len(live) if live else -math.inf
-
+    live = [[c for c in row if c is not None] for row in cosines]  # None: left out of the matchings
+    mean = [sum(v) / len(v) if v else -math.inf for v in live]
     latents = []
-    for i in sorted(range(n), key=lambda i: (-mean(i), i)):
-        live = [c for c in cosines[i] if c is not None]
-        tags = (["left out"] if not live else
-                (["stable"] if min(live) >= stable_at else []) + (["below chance"] if chance is not None
-                                                                  and mean(i) < chance else []))
-        label = labels[i] if labels is not None else (f"mean cos {mean(i):.3f}" if live else "dead")
+    for i in sorted(range(n), key=lambda i: (-mean[i], i)):
+        tags = (["left out"] if not live[i] else (["stable"] if min(live[i]) >= stable_at else [])
+                + (["below chance"] if chance is not None and mean[i] < chance else []))
+        label = labels[i] if labels is not None else (f"mean cos {mean[i]:.3f}" if live[i] else "dead")
         neighbours = [{"sae": names[r], "latent": j, "cos": c, "label": _verdict(c, stable_at, chance)}
                       for r in sorted(partner) if i in partner[r] for j, c in [partner[r][i]]]
         latents.append({"id": i, "label": label, "tags": tags, "neighbours": neighbours,
