@@ -3,6 +3,7 @@
 #   make test                                     the whole test suite (unit tests + notebooks via nbval)
 #   make test-peers                               exports loaded back by the real SAELens and sparsify
 #   make browser                                  playwright + Debian's chromium for the explorer page's browser test
+#   make screenshots [PROFILE=...]                the README's pictures of the explorer pages (after make figures)
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 
@@ -25,7 +26,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 LIBRARY := $(wildcard paperlib/*.py paperlib/*.cpp)
 
-.PHONY: setup assets browser figures test test-integration test-peers lab bench lock clean clean-cache
+.PHONY: setup assets browser figures screenshots test test-integration test-peers lab bench lock clean clean-cache
 
 setup: $(SETUP_STAMP)
 assets: $(ASSETS_STAMP)
@@ -53,7 +54,7 @@ build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE)/%.yaml $(LIBRARY
 
 # The later LLM notebooks reuse notebook 06's activations and SAE runs from the cache: run 06 first
 # (under make -j they would otherwise extract and train the same things twice).
-AFTER_06 := $(filter-out $(foreach n,01 02 03 04 05 06,build/$(PROFILE)/$(n)_%),$(EXECUTED))
+AFTER_06 := $(filter-out $(foreach n,01 02 03 04 05 06 12,build/$(PROFILE)/$(n)_%),$(EXECUTED))
 $(AFTER_06): build/$(PROFILE)/06_llm_consistency.ipynb
 
 # The explorer page's real-browser test (tests/test_explorer_browser.py): playwright from PyPI driving
@@ -82,6 +83,10 @@ test: $(ASSETS_STAMP) browser
 test-integration: $(ASSETS_STAMP)
 	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[serving]'
 	$(PY) -m pytest -m integration tests
+
+# The README's pictures of the two explorer pages, from figures/$(PROFILE)/ (run make figures first).
+screenshots: $(BROWSER_STAMP)
+	$(PY) docs/screenshots.py --profile $(PROFILE)
 
 lab: $(ASSETS_STAMP)
 	$(PY) -m jupyter lab notebooks/

@@ -200,6 +200,10 @@ class Activations:
         out = (self.x if rows is None else self.x[rows]).float()
         return out * self.scale if scaled else out
 
+    def token_text(self, row: int) -> str:
+        """Row ``row``'s own token as text (what a latent firing on that row fired on)."""
+        return self.tokenizer.decode([int(self.tokens[self.row_context[row], self.row_position[row]])])
+
     def context_text(self, row: int, window: int = 16, mark: str = "«»") -> str:
         """The text around row ``row``'s token — ``window`` tokens either side — with that token between
         ``mark[0]`` and ``mark[1]`` (its leading space outside: " «Paris»"); special tokens show as the

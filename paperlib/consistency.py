@@ -21,7 +21,8 @@ matching of size m = min(n_A, n_B), solved exactly as a linear assignment proble
   signed at d=16, n=32), ``chance_pw_mcc`` (the chance level of PW-MCC over runs of several widths:
   the mean over pairs of each pair's chance, whatever order the runs come in) and
   ``untrained_pw_mcc`` (freshly initialised SAEs of a configuration).
-* ``bootstrap_interval`` resamples latents; ``frequency_decomposition`` splits an MCC into
+* ``bootstrap_interval`` resamples latents (which latents a pair has); ``run_interval`` leaves out
+  runs (which seeds were drawn); ``frequency_decomposition`` splits an MCC into
   activation-frequency bins whose contributions sum to it; ``shared_latents`` is Paulo & Belrose's
   alternative definition (encoder and decoder matchings agree and both cosines >= 0.7).
 """
@@ -228,6 +229,25 @@ def bootstrap_interval(
     replicates /= len(matches)
     tail = (1 - level) / 2
     return float(np.quantile(replicates, tail)), float(np.quantile(replicates, 1 - tail))
+
+
+def run_interval(result: PairwiseMCC, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the expected PW-MCC over draws of seeds (not of one rerun's value, which
+    varies more): the mean over pairs is a U-statistic of the runs, so its standard error is the
+    jackknife's over left-out runs, with Student's t on R - 1 degrees of freedom (wide at few runs,
+    as it should be), clipped to the MCC's range."""
+    from scipy.stats import t
+
+    R = max(max(i, j) for i, j, _ in result.pairs) + 1 if result.pairs else 0
+    if R < 3 or len(result.pairs) != R * (R - 1) // 2 or not 0 < level < 1:
+        raise ValueError(f"run_interval needs every pair of at least 3 runs and 0 < level < 1 "
+                         f"(got {len(result.pairs)} pairs, level {level})")
+    values = np.array([v for _, _, v in result.pairs])
+    left_out = np.array([values[[r not in (i, j) for i, j, _ in result.pairs]].mean() for r in range(R)])
+    se = np.sqrt((R - 1) / R * ((left_out - left_out.mean()) ** 2).sum())
+    half = float(t.ppf(0.5 + level / 2, R - 1) * se)
+    floor = -1.0 if result.signed else 0.0  # an MCC's range: the interval is clipped to it
+    return max(result.mean - half, floor), min(result.mean + half, 1.0)
 
 
 @dataclass(frozen=True)

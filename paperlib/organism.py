@@ -14,6 +14,11 @@ Every organism draws ``n_gt`` unit-norm Gaussian atoms in R^d (the dictionary), 
   feature r (rank r + 1) fires with probability ∝ rank^(-beta_head) up to ``break_rank`` and
   ∝ rank^(-beta_tail) beyond, continuous at the break — the two regimes of word frequencies
   (Ferrer i Cancho & Solé 2001), which the paper's token rank-frequency plot motivates.
+* ``PlantedSubspaceOrganism`` — not paper A's: the uniform organism plus one planted subspace of rank
+  ``rank`` that is switched on in a fraction ``probability`` of the samples and then adds an isotropic
+  Gaussian vector inside its span. Every orthonormal basis of the span explains the data equally well,
+  so the span is identifiable and no direction within it is: the basis ambiguity under which
+  Gerasimov et al. (2026) find individually unstable latents spanning reproducible subspaces.
 
 The authors' released code (synthetic/generate_data.py) implements only the uniform organism; its
 Zipfian branch raises NotImplementedError. The Zipfian definitions above are therefore our reading
@@ -33,7 +38,7 @@ floats); ``active`` / ``magnitudes`` hold the same codes compactly for every org
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -175,7 +180,34 @@ class TwoPhaseZipfOrganism:
         return self.s * weight / weight.sum()
 
 
-Organism = UniformOrganism | ZipfianOrganism | TwoPhaseZipfOrganism
+@dataclass(frozen=True)
+class PlantedSubspaceOrganism:
+    """The uniform organism (d, n_gt, s, n_samples, seed) plus a planted subspace of rank ``rank``,
+    active in a fraction ``probability`` of the samples with coefficients N(0, I_rank) in an orthonormal
+    basis, so each active sample gets E‖v‖² = rank. Defaults are ours (notebook 12)."""
+
+    d: int = 64
+    n_gt: int = 48
+    s: int = 3
+    rank: int = 4
+    probability: float = 0.3
+    n_samples: int = 50_000
+    noise_std: float = 0.0
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _validate(self, "PlantedSubspaceOrganism")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank < self.d:
+            raise ValueError(f"PlantedSubspaceOrganism.rank must be an integer in [1, d={self.d}), got {self.rank!r}")
+        if not (isinstance(self.probability, (int, float)) and 0 < self.probability <= 1):
+            raise ValueError(f"PlantedSubspaceOrganism.probability must be in (0, 1], got {self.probability!r}")
+
+    def base(self) -> UniformOrganism:
+        """The uniform organism underneath (noise is added once, after the subspace)."""
+        return UniformOrganism(d=self.d, n_gt=self.n_gt, s=self.s, n_samples=self.n_samples, seed=self.seed)
+
+
+Organism = UniformOrganism | ZipfianOrganism | TwoPhaseZipfOrganism | PlantedSubspaceOrganism
 
 
 @dataclass(frozen=True)
@@ -193,6 +225,8 @@ class OrganismData:
     active: torch.Tensor | None = None  # [n_samples, s] int64, sorted active features per sample
     magnitudes: torch.Tensor | None = None  # [n_samples, s], the codes of ``active``
     cluster: torch.Tensor | None = None  # [n_gt] int64 cluster ids of correlated features
+    subspace: torch.Tensor | None = None  # [rank, d] orthonormal basis of a planted subspace (not in ``codes``)
+    subspace_codes: torch.Tensor | None = None  # [n_samples, rank] its coefficients (zero rows: switched off)
 
     def firing_rate(self) -> torch.Tensor:
         """[n_gt] empirical fraction of samples in which each feature is active."""
@@ -276,6 +310,20 @@ def sample_two_phase(cfg: TwoPhaseZipfOrganism) -> OrganismData:
     return _observe(cfg, gen, dictionary, active, dense=False, group=cfg.group(), probability=cfg.probability())
 
 
+def sample_planted_subspace(cfg: PlantedSubspaceOrganism) -> OrganismData:
+    """The uniform organism of ``cfg.base()`` plus the planted subspace, drawn from a second stream
+    of ``cfg.seed`` (so its base features are exactly those of the uniform organism alone)."""
+    data = sample_uniform(cfg.base())
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    basis = torch.linalg.qr(torch.randn(cfg.d, cfg.rank, generator=gen, dtype=torch.float64)).Q.T.float()
+    on = torch.rand(cfg.n_samples, generator=gen) < cfg.probability
+    coefficients = torch.randn(cfg.n_samples, cfg.rank, generator=gen) * on[:, None]
+    x = data.x + coefficients @ basis
+    if cfg.noise_std > 0:
+        x = x + cfg.noise_std * torch.randn(x.shape, generator=gen)
+    return replace(data, x=x, subspace=basis, subspace_codes=coefficients)
+
+
 def sample(cfg: Organism) -> OrganismData:
     """Draw any organism from its configuration."""
     if isinstance(cfg, UniformOrganism):
@@ -284,6 +332,7 @@ def sample(cfg: Organism) -> OrganismData:
         return sample_zipfian(cfg)
     if isinstance(cfg, TwoPhaseZipfOrganism):
         return sample_two_phase(cfg)
-    raise TypeError(
-        f"sample() needs a UniformOrganism, ZipfianOrganism or TwoPhaseZipfOrganism, got {type(cfg).__name__}"
-    )
+    if isinstance(cfg, PlantedSubspaceOrganism):
+        return sample_planted_subspace(cfg)
+    raise TypeError("sample() needs a UniformOrganism, ZipfianOrganism, TwoPhaseZipfOrganism or "
+                    f"PlantedSubspaceOrganism, got {type(cfg).__name__}")

@@ -147,6 +147,7 @@ def test_extraction_matches_a_full_forward_and_round_trips(tiny, tmp_path):
     token = decode(ids[5:6])
     lead = token[:len(token) - len(token.lstrip())]
     assert text == decode(ids[3:5]) + lead + "[" + token.lstrip() + "]" + decode(ids[6:8])
+    assert acts.token_text(row) == token
     with pytest.raises(IndexError, match="out of range"):
         acts.context_text(len(acts))
 

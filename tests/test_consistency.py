@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from paperlib.consistency import (
-    as_dictionary, bootstrap_interval, chance_mcc, frequency_decomposition, gt_mcc, match, mcc, pw_mcc,
-    shared_latents, untrained_pw_mcc,
+    PairwiseMCC, as_dictionary, bootstrap_interval, chance_mcc, frequency_decomposition, gt_mcc, match, mcc, pw_mcc,
+    run_interval, shared_latents, untrained_pw_mcc,
 )
 from paperlib.sae import SAEConfig
 
@@ -206,3 +206,32 @@ def test_large_dictionaries_use_the_certified_sparse_solver_and_agree_with_dense
     alive = np.ones(n, bool)
     alive[5] = False
     assert match(a, dead, alive_b=alive).certified
+
+
+def _pairwise(values):
+    """A PairwiseMCC of given pair values {(i, j): v} (no matchings needed by run_interval)."""
+    pairs = [(i, j, v) for (i, j), v in values.items()]
+    v = np.array(list(values.values()))
+    return PairwiseMCC(float(v.mean()), float(v.std()), pairs, [], True)
+
+
+def test_run_interval_covers_the_mean_of_other_seeds_at_its_level():
+    rng = np.random.default_rng(9)  # a seed's quality shifts all of its pairs: pairs are not independent
+    covered = []
+    for _ in range(2000):
+        run_effect = rng.standard_normal(5)
+        values = {(i, j): run_effect[i] + run_effect[j] + 0.5 * rng.standard_normal()
+                  for i, j in itertools.combinations(range(5), 2)}
+        lo, hi = run_interval(_pairwise(values))
+        covered.append(lo < 0 < hi)
+    assert np.mean(covered) == pytest.approx(0.95, abs=0.03)
+
+
+def test_run_interval_stays_inside_the_range_of_an_mcc():
+    lo, hi = run_interval(_pairwise({(0, 1): 1.0, (0, 2): 0.9, (1, 2): 0.9}))
+    assert lo < 0.95 and hi == 1.0
+
+
+def test_run_interval_needs_three_runs():
+    with pytest.raises(ValueError, match="at least 3 runs"):
+        run_interval(_pairwise({(0, 1): 0.5}))

@@ -6,6 +6,7 @@ import torch
 from paperlib.fixed_size import systematic_sample
 from paperlib.organism import (
     OrganismData,
+    PlantedSubspaceOrganism,
     TwoPhaseZipfOrganism,
     UniformOrganism,
     ZipfianOrganism,
@@ -240,3 +241,27 @@ def test_firing_rate_without_compact_codes_uses_dense_codes():
     codes = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
     data = OrganismData(dictionary=torch.eye(2), codes=codes, x=codes)
     assert torch.equal(data.firing_rate(), torch.tensor([1.0, 0.5], dtype=torch.float64))
+
+
+def test_planted_subspace_adds_an_orthonormal_span_on_the_uniform_organism():
+    cfg = PlantedSubspaceOrganism(d=24, n_gt=30, s=3, rank=3, probability=0.25, n_samples=20_000, seed=6)
+    data = sample(cfg)
+    base = sample_uniform(cfg.base())
+    assert torch.equal(data.codes, base.codes) and torch.equal(data.dictionary, base.dictionary)
+    assert torch.allclose(data.subspace @ data.subspace.T, torch.eye(3), atol=1e-6)
+    assert torch.allclose(data.x, base.x + data.subspace_codes @ data.subspace, atol=1e-5)
+    on = data.subspace_codes.abs().sum(dim=1) > 0
+    assert on.float().mean().item() == pytest.approx(0.25, abs=4 * (0.25 * 0.75 / 20_000) ** 0.5)
+    assert data.subspace_codes[on].var(dim=0) == pytest.approx(torch.ones(3), abs=0.06)  # N(0, I) when on
+
+
+def test_planted_subspace_noise_and_validation():
+    clean = sample(PlantedSubspaceOrganism(d=16, n_gt=20, n_samples=4000, seed=8))
+    noisy = sample(PlantedSubspaceOrganism(d=16, n_gt=20, n_samples=4000, seed=8, noise_std=0.1))
+    assert (noisy.x - clean.x).std().item() == pytest.approx(0.1, rel=0.05)
+    with pytest.raises(ValueError, match="rank must be an integer in \\[1, d=16\\)"):
+        PlantedSubspaceOrganism(d=16, n_gt=20, rank=16)
+    with pytest.raises(ValueError, match="probability must be in \\(0, 1\\]"):
+        PlantedSubspaceOrganism(probability=0.0)
+    with pytest.raises(ValueError, match="s=60 active features per sample exceeds n_gt=48"):
+        PlantedSubspaceOrganism(s=60)
