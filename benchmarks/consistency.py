@@ -11,6 +11,7 @@ matrix would exceed ``--max-dense-gb`` or the package is not importable. ``lap``
 ``benchmarks/.venv-peers``, which ``make bench`` creates), scipy and paperlib in this interpreter.
 Results are written atomically after every measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,9 @@ def _child(method: str, data_dir: str) -> None:
     t0 = time.perf_counter()
     if method == "paperlib":
         m = match(a, b)
-        out.update(objective=float(m.weights.sum()), certified=m.certified,
-                   stats={k: v for k, v in m.stats.items()})
+        out.update(objective=float(m.weights.sum()), certified=m.certified, stats={k: v for k, v in m.stats.items()})
     else:
+
         def unit(x):
             x = x.astype(np.float64)
             return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -105,8 +106,13 @@ def _probe_child() -> None:
 # ---------------------------------------------------------------------------- parent side
 def _run(python: str, args: list[str], timeout: float) -> dict:
     try:
-        p = subprocess.run([python, __file__, *args], capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        p = subprocess.run(
+            [python, __file__, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     except subprocess.TimeoutExpired:
         return {"skipped": f"timeout after {timeout:.0f}s"}
     for line in p.stdout.splitlines():
@@ -142,10 +148,18 @@ def _machine() -> dict:
         gflops[str(dt).replace("torch.", "")] = round(3 * 2 * 4096 * 16384 * 768 / (time.perf_counter() - t) / 1e9, 1)
     import scipy
 
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gb": mem, "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "matmul_gflops_4096x768x16384": gflops}
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "matmul_gflops_4096x768x16384": gflops,
+    }
 
 
 def _data(kind: str, n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,15 +194,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    envs = {"main": _run(sys.executable, ["--_probe"], 120),
-            "peer": _run(args.peer_python, ["--_probe"], 120)}
-    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
-              "machine": _machine(),
-              "environments": {"main": "this environment",
-                               "peer": ("peers' environment" if args.peer_python != sys.executable
-                                        else "this environment"),
-                               "versions": envs},
-              "measurements": []}
+    envs = {"main": _run(sys.executable, ["--_probe"], 120), "peer": _run(args.peer_python, ["--_probe"], 120)}
+    result = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv[1:],
+        "machine": _machine(),
+        "environments": {
+            "main": "this environment",
+            "peer": ("peers' environment" if args.peer_python != sys.executable else "this environment"),
+            "versions": envs,
+        },
+        "measurements": [],
+    }
     _write(args.out, result)
     for n in args.sizes:
         for kind in args.kinds:
@@ -199,8 +216,7 @@ def main() -> None:
                 del a, b
                 ref = None
                 for method in sorted(args.methods, key=lambda m: m != "scipy"):  # scipy first
-                    rec = {"n": n, "d": args.d, "kind": kind, "method": method,
-                           "loadavg_before": list(os.getloadavg())}
+                    rec = {"n": n, "d": args.d, "kind": kind, "method": method, "loadavg_before": list(os.getloadavg())}
                     dense_gb = n * n * 8 / 2**30
                     env = "peer" if method in ("lap", "lapjv") else "main"
                     python = args.peer_python if env == "peer" else sys.executable
@@ -218,8 +234,10 @@ def main() -> None:
                         rec["mcc"] = rec["objective"] / n
                     result["measurements"].append(rec)
                     _write(args.out, result)
-                    brief = {k: rec.get(k) for k in ("seconds", "peak_rss_gb", "mcc", "certified",
-                                                     "abs_diff_vs_scipy", "skipped")}
+                    brief = {
+                        k: rec.get(k)
+                        for k in ("seconds", "peak_rss_gb", "mcc", "certified", "abs_diff_vs_scipy", "skipped")
+                    }
                     print(f"n={n} {kind:8s} {method:9s} {brief}", flush=True)
 
 

@@ -18,6 +18,7 @@ Threads: torch's default unless ``--threads``; the load average before each meas
 because other jobs on the machine slow every number down. Results are written atomically after every
 measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,17 @@ def _machine() -> dict:
     for _ in range(5):
         torch.matmul(x, y.T)
     gflops = 5 * 2 * 4096 * 1536 * 576 / (time.perf_counter() - t) / 1e9
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__,
-            "matmul_gflops_fp32_4096x576x1536": round(gflops, 1)}
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "matmul_gflops_fp32_4096x576x1536": round(gflops, 1),
+    }
 
 
 def _load_child(store_root: str) -> None:
@@ -82,8 +90,12 @@ def _load_child(store_root: str) -> None:
 
 
 def _run_load(store_root: str) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--_load", store_root], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [sys.executable, __file__, "--_load", store_root],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -102,7 +114,7 @@ def _forward_rates(model, tokens, layer: int, batch: int, repeats: int) -> dict:
         with torch.inference_mode():
             return model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer + 1]
 
-    batches = [tokens[i:i + batch] for i in range(0, len(tokens), batch)]
+    batches = [tokens[i : i + batch] for i in range(0, len(tokens), batch)]
     diff = max(float((ours(b) - plain(b)).abs().max()) for b in batches[:1])  # also the warm-up
     rates: dict[str, list[float]] = {"paperlib_truncated": [], "full_output_hidden_states": []}
     for _ in range(repeats):
@@ -138,9 +150,15 @@ def main() -> None:
     from paperlib.llm import load_model
     from paperlib.store import Store
 
-    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "machine": _machine(),
-              "model": "smollm2 (SmolLM2-135M-Instruct, dequantised Q4_1 GGUF, float32)", "corpus": "wikipedia",
-              "device": "cpu", "measurements": []}
+    result = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv[1:],
+        "machine": _machine(),
+        "model": "smollm2 (SmolLM2-135M-Instruct, dequantised Q4_1 GGUF, float32)",
+        "corpus": "wikipedia",
+        "device": "cpu",
+        "measurements": [],
+    }
     _write(args.out, result)
     with tempfile.TemporaryDirectory() as root:
         for kind in ("first_load_converts_gguf", "later_load_converted_dir"):
@@ -154,17 +172,32 @@ def main() -> None:
         for layer in args.layers:
             cfg = ActivationConfig(layer=layer, context_length=args.context_length, n_tokens=n_tokens)
             tokens = contexts(cfg, store).long()
-            rec = {"what": "forward", "layer": layer, "contexts": args.contexts, "context_length": args.context_length,
-                   "batch": args.batch, "loadavg_before": list(os.getloadavg()),
-                   **_forward_rates(model, tokens, layer, args.batch, args.repeats)}
+            rec = {
+                "what": "forward",
+                "layer": layer,
+                "contexts": args.contexts,
+                "context_length": args.context_length,
+                "batch": args.batch,
+                "loadavg_before": list(os.getloadavg()),
+                **_forward_rates(model, tokens, layer, args.batch, args.repeats),
+            }
             result["measurements"].append(rec)
             _write(args.out, result)
-            print({k: rec[k] for k in ("layer", "speedup", "max_abs_diff")},
-                  {k: round(v["tokens_per_s_median"]) for k, v in rec.items() if isinstance(v, dict)}, flush=True)
-            cfg = ActivationConfig(layer=layer, context_length=args.context_length, n_tokens=args.e2e_tokens,
-                                   batch_contexts=args.batch)
-            rec = {"what": "end_to_end", "layer": layer, "n_tokens": args.e2e_tokens, "batch": args.batch,
-                   "loadavg_before": list(os.getloadavg())}
+            print(
+                {k: rec[k] for k in ("layer", "speedup", "max_abs_diff")},
+                {k: round(v["tokens_per_s_median"]) for k, v in rec.items() if isinstance(v, dict)},
+                flush=True,
+            )
+            cfg = ActivationConfig(
+                layer=layer, context_length=args.context_length, n_tokens=args.e2e_tokens, batch_contexts=args.batch
+            )
+            rec = {
+                "what": "end_to_end",
+                "layer": layer,
+                "n_tokens": args.e2e_tokens,
+                "batch": args.batch,
+                "loadavg_before": list(os.getloadavg()),
+            }
             t = time.perf_counter()
             acts = load_activations(cfg, store, progress=False)
             rec.update(wall_seconds=time.perf_counter() - t, rows=len(acts), **acts.meta["extraction"])

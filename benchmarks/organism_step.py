@@ -52,7 +52,6 @@ SHAPES = [  # (label, architecture, d, n, k, rows per step, seeds)
 ]
 
 
-
 def _median_seconds(fn, repeats: int) -> float:
     fn()
     fn()  # compile and first-touch outside the timing
@@ -64,8 +63,9 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _measure(architecture: str, d: int, n: int, k: int | None, rows: int, seeds: int, repeats: int,
-             train_steps: int) -> dict:
+def _measure(
+    architecture: str, d: int, n: int, k: int | None, rows: int, seeds: int, repeats: int, train_steps: int
+) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=gen).abs() * (torch.rand(rows, d, generator=gen) < 0.2)
     config = SAEConfig(architecture, d, n, k=k, l1_coeff=1e-2 if architecture == "relu" else 0.0, n_seeds=seeds)
@@ -78,8 +78,10 @@ def _measure(architecture: str, d: int, n: int, k: int | None, rows: int, seeds:
         schedule = TrainConfig(steps=train_steps, lr=1e-4, log_every=train_steps)
         t0 = time.perf_counter()
         train(SAEBank(config), x, schedule, progress=False)
-        out[path] = {"step_ms": round(step * 1e3, 3),
-                     "train_ms_per_step": round((time.perf_counter() - t0) / train_steps * 1e3, 3)}
+        out[path] = {
+            "step_ms": round(step * 1e3, 3),
+            "train_ms_per_step": round((time.perf_counter() - t0) / train_steps * 1e3, 3),
+        }
     os.environ.pop("PAPERLIB_FUSED")
     flops = 5 * 2 * rows * d * n * seeds
     out["gflop_per_step"] = round(flops / 1e9, 4)
@@ -134,8 +136,11 @@ def _under_load(architecture: str, d: int, n: int, k: int | None, rows: int, see
                 busy.wait()
         finally:
             fused.ThreadChooser.pick = pinned
-        out[policy] = {"quiet_steps_per_s": round(quiet, 1), "loaded_steps_per_s": round(loaded, 1),
-                       "loaded_fraction": round(loaded / quiet, 3)}
+        out[policy] = {
+            "quiet_steps_per_s": round(quiet, 1),
+            "loaded_steps_per_s": round(loaded, 1),
+            "loaded_fraction": round(loaded / quiet, 3),
+        }
     return out
 
 
@@ -153,19 +158,30 @@ def main() -> None:
     peak = max(rates["2048^3"], rates["2048^3_onednn"])  # the faster of torch's two fp32 GEMMs
     for label, architecture, d, n, k, rows, seeds in SHAPES:
         m = _measure(architecture, d, n, k, rows, seeds, args.repeats, args.train_steps)
-        m.update(architecture=architecture, d=d, n=n, k=k, rows=rows, seeds=seeds,
-                 fused_fraction_of_matmul_peak=round(m["fused_gflops"] / peak, 3))
+        m.update(
+            architecture=architecture,
+            d=d,
+            n=n,
+            k=k,
+            rows=rows,
+            seeds=seeds,
+            fused_fraction_of_matmul_peak=round(m["fused_gflops"] / peak, 3),
+        )
         result["shapes"][label] = m
-        print(f"{label}: step fused {m['fused']['step_ms']:.2f} ms vs torch {m['torch']['step_ms']:.2f} ms "
-              f"(x{m['speedup_step']}); train() x{m['speedup_train']}; fused {m['fused_gflops']:.0f} GFLOP/s = "
-              f"{m['fused_fraction_of_matmul_peak']:.0%} of the best 2048^3 matmul rate ({peak:.0f})")
+        print(
+            f"{label}: step fused {m['fused']['step_ms']:.2f} ms vs torch {m['torch']['step_ms']:.2f} ms "
+            f"(x{m['speedup_step']}); train() x{m['speedup_train']}; fused {m['fused_gflops']:.0f} GFLOP/s = "
+            f"{m['fused_fraction_of_matmul_peak']:.0%} of the best 2048^3 matmul rate ({peak:.0f})"
+        )
         _write(args.out, result)
     if args.load_seconds > 0:
         result["under_load"] = {}
         for label, architecture, d, n, k, rows, seeds in LOAD_SHAPES:
             m = result["under_load"][label] = _under_load(architecture, d, n, k, rows, seeds, args.load_seconds)
-            print(f"{label} beside a busy process: {m['chosen']['loaded_fraction']:.0%} of quiet steps/s with chosen "
-                  f"thread counts, {m['pinned']['loaded_fraction']:.0%} pinned to {torch.get_num_threads()}")
+            print(
+                f"{label} beside a busy process: {m['chosen']['loaded_fraction']:.0%} of quiet steps/s with chosen "
+                f"thread counts, {m['pinned']['loaded_fraction']:.0%} pinned to {torch.get_num_threads()}"
+            )
             _write(args.out, result)
     result["loadavg_after"] = _load()
     _write(args.out, result)

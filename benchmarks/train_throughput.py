@@ -135,8 +135,9 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _matmul_gflops(d: int, n: int, reps: int = 3, dtype: str = "float32", backend: str = "torch",
-                   rows: int = BATCH) -> float | None:
+def _matmul_gflops(
+    d: int, n: int, reps: int = 3, dtype: str = "float32", backend: str = "torch", rows: int = BATCH
+) -> float | None:
     """Median dense rate of a [rows, d] x [d, n] matmul in ``dtype``, in GFLOP/s: through
     ``torch.matmul`` (MKL for float32 on CPU: what the peers use) or ``backend="onednn"``, torch's
     oneDNN linear (None where this torch lacks it)."""
@@ -157,6 +158,7 @@ def _matmul_gflops(d: int, n: int, reps: int = 3, dtype: str = "float32", backen
 
         def product() -> None:
             torch.matmul(a, b, out=out)
+
     product()  # warm-up
     times = []
     for _ in range(reps):
@@ -214,8 +216,16 @@ def _median_seconds(fn: Callable[[], Any], dev: Any, reps: int, inner: int = 1) 
     return statistics.median(times)
 
 
-def _device_matmul_gflops(d: int, n: int, dev: Any, dtype: str = "float32", tf32: bool = False, reps: int = 10,
-                          inner: int = 10, rows: int = BATCH) -> float:
+def _device_matmul_gflops(
+    d: int,
+    n: int,
+    dev: Any,
+    dtype: str = "float32",
+    tf32: bool = False,
+    reps: int = 10,
+    inner: int = 10,
+    rows: int = BATCH,
+) -> float:
     """Dense rate of a [rows, d] x [d, n] matmul on ``dev`` in ``dtype``, in GFLOP/s, on random data
     (zeros run faster). ``tf32`` lets fp32 matmuls use TF32; off, as in torch's default and in
     paperlib's fp32 training, they are true fp32."""
@@ -288,20 +298,32 @@ def _gpu_info(dev: Any) -> dict[str, Any]:
     import torch
 
     if torch.device(dev).type != "cuda":
-        return {"name": "none: a rehearsal of the cuda code path with CPU tensors (not GPU numbers)",
-                "tag": "rehearsal"}
+        return {
+            "name": "none: a rehearsal of the cuda code path with CPU tensors (not GPU numbers)",
+            "tag": "rehearsal",
+        }
     props = torch.cuda.get_device_properties(dev)
     info: dict[str, Any] = {
-        "name": props.name, "tag": _gpu_tag(props.name), "capability": f"{props.major}.{props.minor}",
-        "multiprocessors": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "triton": _dist_version("triton"), "bf16_supported": torch.cuda.is_bf16_supported(),
+        "name": props.name,
+        "tag": _gpu_tag(props.name),
+        "capability": f"{props.major}.{props.minor}",
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "triton": _dist_version("triton"),
+        "bf16_supported": torch.cuda.is_bf16_supported(),
     }
     fields = ["driver_version", "clocks.max.sm", "clocks.max.mem", "power.limit"]
     try:
         index = torch.device(dev).index or 0
-        proc = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader",
-                               "-i", str(index)], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader", "-i", str(index)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode == 0 and proc.stdout.strip():
             info["nvidia_smi"] = dict(zip(fields, (v.strip() for v in proc.stdout.strip().split(","))))
     except (OSError, subprocess.SubprocessError):
@@ -316,8 +338,15 @@ def _batches(x: Any, steps: int, start: int = 0) -> list:
     return [x[((start + i) % per_epoch) * BATCH : ((start + i) % per_epoch + 1) * BATCH] for i in range(steps)]
 
 
-def _time_loop(step: Callable[[int, Any], None], x: Any, warmup: int, steps: int, gpu: bool = False, dev: Any = "cpu",
-               placement: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+def _time_loop(
+    step: Callable[[int, Any], None],
+    x: Any,
+    warmup: int,
+    steps: int,
+    gpu: bool = False,
+    dev: Any = "cpu",
+    placement: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Warm-up steps, then timed steps, of a peer's training step ``step(i, batch)``. ``gpu``: the
     device is synchronised around both, ``placement()`` checks where the SAE lives before timing, and
     the peak memory of the timed steps is recorded."""
@@ -343,8 +372,9 @@ def _time_loop(step: Callable[[int, Any], None], x: Any, warmup: int, steps: int
     return result
 
 
-def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32",
-                    aux_coeff: float = 0.0) -> dict[str, Any]:
+def _child_paperlib(
+    args: argparse.Namespace, x: Any, precision: str = "fp32", aux_coeff: float = 0.0
+) -> dict[str, Any]:
     import warnings
 
     sys.path.insert(0, str(ROOT))
@@ -382,13 +412,23 @@ def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32",
     runs = []
     for r in range(args.repeat):
         seed = args.seed + r * args.seeds
-        cfg = SAEConfig("topk", d_model=args.d, n_latents=args.n, k=args.k, n_seeds=args.seeds, seed=seed,
-                        decoder="unit", reconstruction="sum", aux_coeff=aux_coeff)
+        cfg = SAEConfig(
+            "topk",
+            d_model=args.d,
+            n_latents=args.n,
+            k=args.k,
+            n_seeds=args.seeds,
+            seed=seed,
+            decoder="unit",
+            reconstruction="sum",
+            aux_coeff=aux_coeff,
+        )
         bank = SAEBank(cfg)
 
         def train_cfg(steps: int) -> TrainConfig:
-            return TrainConfig(steps=steps, lr=LR, batch_size=args.batch, log_every=10**9, eval_rows=args.batch,
-                               precision=precision)
+            return TrainConfig(
+                steps=steps, lr=LR, batch_size=args.batch, log_every=10**9, eval_rows=args.batch, precision=precision
+            )
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -408,16 +448,28 @@ def _child_paperlib(args: argparse.Namespace, x: Any, precision: str = "fp32",
             _sync(dev)
         raw = time.perf_counter() - t0
         evals = eval_seconds[0]
-        runs.append({
-            "seed": seed, "seconds": raw - evals, "seconds_with_evals": raw, "eval_seconds": evals,
-            "warmup_seconds": warm, "loadavg_before": load_before, "loadavg_after": _load(),
-            "final_fvu": [round(float(v), 4) for v in history.final("fvu")],
-            "warnings": sorted({_sanitize(str(w.message))[:300] for w in caught}),
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "seconds": raw - evals,
+                "seconds_with_evals": raw,
+                "eval_seconds": evals,
+                "warmup_seconds": warm,
+                "loadavg_before": load_before,
+                "loadavg_after": _load(),
+                "final_fvu": [round(float(v), 4) for v in history.final("fvu")],
+                "warnings": sorted({_sanitize(str(w.message))[:300] for w in caught}),
+            }
+        )
         if gpu:
             runs[-1].update(peak_gpu_memory_mib=_peak_memory_mib(dev), placement=placement)
-    result = {"runs": runs, "compile_enabled": compile_enabled(), "step_path": step_path,
-              "version": _dist_version("paperlib"), "closed_form_step": cfg.closed_form}
+    result = {
+        "runs": runs,
+        "compile_enabled": compile_enabled(),
+        "step_path": step_path,
+        "version": _dist_version("paperlib"),
+        "closed_form_step": cfg.closed_form,
+    }
     if gpu:
         result["precision"] = precision
     return result
@@ -451,8 +503,15 @@ def _child_sparsify(args: argparse.Namespace, x: Any) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad()
 
-    result = _time_loop(step, x, args.warmup, args.steps, args._gpu, dev,
-                        lambda: _check_placement(dev, data=x, **dict(sae.named_parameters())))
+    result = _time_loop(
+        step,
+        x,
+        args.warmup,
+        args.steps,
+        args._gpu,
+        dev,
+        lambda: _check_placement(dev, data=x, **dict(sae.named_parameters())),
+    )
     result.update(version=_dist_version("eai-sparsify"), decoder=getattr(decoder_impl, "__name__", str(decoder_impl)))
     if args._gpu:
         autocast = torch.device(dev).type == "cuda" and torch.cuda.is_bf16_supported()
@@ -475,16 +534,25 @@ def _child_sae_lens(args: argparse.Namespace, x: Any, autocast: bool = False) ->
     act_freq = torch.zeros(args.n, device=dev)
     dead_window = 1000  # LanguageModelSAERunnerConfig.dead_feature_window's default
     # LanguageModelSAERunnerConfig.autocast (default False): the trainer's bf16 autocast context
-    amp = (torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16) if autocast
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16)
+        if autocast
+        else contextlib.nullcontext()
+    )
 
     # sae_lens.training.sae_trainer.SAETrainer._train_step (no autocast on CPU float32)
     def step(i: int, batch: Any) -> None:
         sae.train()
         with amp:
-            out = sae.training_forward_pass(step_input=TrainStepInput(
-                sae_in=batch, coefficients={}, dead_neuron_mask=since_fired > dead_window,
-                n_training_steps=i, is_logging_step=False))
+            out = sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=batch,
+                    coefficients={},
+                    dead_neuron_mask=since_fired > dead_window,
+                    n_training_steps=i,
+                    is_logging_step=False,
+                )
+            )
             with torch.no_grad():
                 firing = out.feature_acts.bool().float()
                 did_fire = firing.sum(-2).bool()
@@ -496,11 +564,20 @@ def _child_sae_lens(args: argparse.Namespace, x: Any, autocast: bool = False) ->
         optimizer.step()
         optimizer.zero_grad()
 
-    result = _time_loop(step, x, args.warmup, args.steps, args._gpu, dev,
-                        lambda: _check_placement(dev, data=x, **dict(sae.named_parameters())))
-    result.update(version=_dist_version("sae-lens"),
-                  use_sparse_activations=sae.cfg.use_sparse_activations,
-                  rescale_acts_by_decoder_norm=sae.cfg.rescale_acts_by_decoder_norm)
+    result = _time_loop(
+        step,
+        x,
+        args.warmup,
+        args.steps,
+        args._gpu,
+        dev,
+        lambda: _check_placement(dev, data=x, **dict(sae.named_parameters())),
+    )
+    result.update(
+        version=_dist_version("sae-lens"),
+        use_sparse_activations=sae.cfg.use_sparse_activations,
+        rescale_acts_by_decoder_norm=sae.cfg.rescale_acts_by_decoder_norm,
+    )
     if args._gpu:
         result.update(precision="bf16" if autocast else "fp32", autocast=autocast)
     return result
@@ -509,16 +586,33 @@ def _child_sae_lens(args: argparse.Namespace, x: Any, autocast: bool = False) ->
 def _child_dictionary_learning(args: argparse.Namespace, x: Any) -> dict[str, Any]:
     from dictionary_learning.trainers.top_k import TopKTrainer
 
-    trainer = TopKTrainer(steps=args.warmup + args.steps + 1, activation_dim=args.d, dict_size=args.n, k=args.k,
-                          layer=0, lm_name="synthetic", lr=LR, warmup_steps=0, seed=args.seed, device=args.device)
+    trainer = TopKTrainer(
+        steps=args.warmup + args.steps + 1,
+        activation_dim=args.d,
+        dict_size=args.n,
+        k=args.k,
+        layer=0,
+        lm_name="synthetic",
+        lr=LR,
+        warmup_steps=0,
+        seed=args.seed,
+        device=args.device,
+    )
 
     # dictionary_learning.training.trainSAE calls trainer.update(step, act) per batch; step 0
     # also initialises the decoder bias to the geometric median (part of the warm-up here).
     def step(i: int, batch: Any) -> None:
         trainer.update(i, batch)
 
-    result = _time_loop(step, x, args.warmup, args.steps, args._gpu, args.device,
-                        lambda: _check_placement(args.device, data=x, **dict(trainer.ae.named_parameters())))
+    result = _time_loop(
+        step,
+        x,
+        args.warmup,
+        args.steps,
+        args._gpu,
+        args.device,
+        lambda: _check_placement(args.device, data=x, **dict(trainer.ae.named_parameters())),
+    )
     result.update(version=_dist_version("dictionary-learning"), auxk_alpha=trainer.auxk_alpha)
     if args._gpu:
         result["precision"] = "fp32"
@@ -579,20 +673,37 @@ def _ensure_peer(peer: str) -> dict[str, Any]:
     venv = PEERS_DIR / peer
     stamp = venv / ".bench-stamp.json"
     key = hashlib.sha256(REQUIREMENTS.read_bytes() + peer.encode()).hexdigest()
-    info: dict[str, Any] = {"venv": venv.relative_to(ROOT).as_posix(),
-                            "requirements": REQUIREMENTS.relative_to(ROOT).as_posix()}
+    info: dict[str, Any] = {
+        "venv": venv.relative_to(ROOT).as_posix(),
+        "requirements": REQUIREMENTS.relative_to(ROOT).as_posix(),
+    }
     if stamp.exists():
         try:
             saved = json.loads(stamp.read_text())
             if saved.get("key") == key and _peer_python(peer).exists():
-                return {**info, "status": "reused", "install_seconds": saved.get("install_seconds"),
-                        "removed": saved.get("removed", {})}
+                return {
+                    **info,
+                    "status": "reused",
+                    "install_seconds": saved.get("install_seconds"),
+                    "removed": saved.get("removed", {}),
+                }
         except (OSError, ValueError):
             pass
     t0 = time.perf_counter()
-    steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
-             [str(_peer_python(peer)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-              "-c", str(REQUIREMENTS), spec["dist"]]]
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [
+            str(_peer_python(peer)),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-c",
+            str(REQUIREMENTS),
+            spec["dist"],
+        ],
+    ]
     if spec["remove"]:
         steps.append([str(_peer_python(peer)), "-m", "pip", "uninstall", "--yes", "--quiet", *spec["remove"]])
     print(f"   installing {peer} into {info['venv']} ...", flush=True)
@@ -608,14 +719,48 @@ def _ensure_peer(peer: str) -> dict[str, Any]:
     return {**info, "status": "installed", "install_seconds": seconds, "removed": spec["remove"]}
 
 
-def _run_child(python: str, name: str, d: int, n: int, steps: int, warmup: int, data: Path,
-               timeout: float, seeds: int = 1, repeat: int = 1, gpu_device: str | None = None) -> dict[str, Any]:
+def _run_child(
+    python: str,
+    name: str,
+    d: int,
+    n: int,
+    steps: int,
+    warmup: int,
+    data: Path,
+    timeout: float,
+    seeds: int = 1,
+    repeat: int = 1,
+    gpu_device: str | None = None,
+) -> dict[str, Any]:
     """One measurement in a fresh process; ``gpu_device``: the --device cuda code path, on that device."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [python, str(Path(__file__).resolve()), "--_child", name, "--d", str(d), "--n", str(n),
-               "--k", str(K), "--batch", str(BATCH), "--steps", str(steps), "--warmup", str(warmup),
-               "--seeds", str(seeds), "--repeat", str(repeat), "--data", str(data), "--result", str(result)]
+        cmd = [
+            python,
+            str(Path(__file__).resolve()),
+            "--_child",
+            name,
+            "--d",
+            str(d),
+            "--n",
+            str(n),
+            "--k",
+            str(K),
+            "--batch",
+            str(BATCH),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--seeds",
+            str(seeds),
+            "--repeat",
+            str(repeat),
+            "--data",
+            str(data),
+            "--result",
+            str(result),
+        ]
         if gpu_device:
             cmd += ["--_gpu", "--device", gpu_device]
         t0 = time.perf_counter()
@@ -637,8 +782,9 @@ def _peer_importable(peer: str) -> dict[str, Any]:
     spec = PEERS[peer]
     info: dict[str, Any] = {"python": "this interpreter (no per-peer venv on a GPU machine)"}
     try:
-        proc = subprocess.run([sys.executable, "-c", f"import {spec['module']}"], capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {spec['module']}"], capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         return {**info, "status": "failed", "reason": f"`import {spec['module']}` timed out"}
     if proc.returncode != 0:
@@ -680,11 +826,16 @@ def _machine() -> dict[str, Any]:
     except (ValueError, OSError):
         memory_gb = None
     return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
         "simd": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "memory_gb": memory_gb, "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "memory_gb": memory_gb,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "paperlib": _dist_version("paperlib"),
         "matmul_gflops": {},  # per size, filled in as measured
     }
@@ -693,10 +844,12 @@ def _machine() -> dict[str, Any]:
 def _git_commit() -> str | None:
     """HEAD of this checkout (read-only), with "+modified" when paperlib/ has local changes."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "paperlib"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=30).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "paperlib"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+modified" if dirty else "")) or None
@@ -720,22 +873,45 @@ def _write(path: Path, obj: dict[str, Any]) -> None:
     write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-def _measurement(library: str, version: str | None, d: int, n: int, seeds: int, steps: int, roofline: float,
-                 timing: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _measurement(
+    library: str,
+    version: str | None,
+    d: int,
+    n: int,
+    seeds: int,
+    steps: int,
+    roofline: float,
+    timing: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     per_sae = steps * BATCH / timing["seconds"]
     return {
-        "library": library, "version": version, "d": d, "n": n, "k": K, "batch": BATCH, "seeds": seeds,
-        "steps": steps, "seconds": round(timing["seconds"], 4), "warmup_seconds": round(timing["warmup_seconds"], 3),
-        "tokens_per_s_per_sae": round(per_sae, 1), "tokens_per_s_aggregate": round(seeds * per_sae, 1),
+        "library": library,
+        "version": version,
+        "d": d,
+        "n": n,
+        "k": K,
+        "batch": BATCH,
+        "seeds": seeds,
+        "steps": steps,
+        "seconds": round(timing["seconds"], 4),
+        "warmup_seconds": round(timing["warmup_seconds"], 3),
+        "tokens_per_s_per_sae": round(per_sae, 1),
+        "tokens_per_s_aggregate": round(seeds * per_sae, 1),
         "fraction_of_roofline": round(seeds * per_sae / roofline, 4),
-        "loadavg_before": timing["loadavg_before"], "loadavg_after": timing["loadavg_after"], **extra,
+        "loadavg_before": timing["loadavg_before"],
+        "loadavg_after": timing["loadavg_after"],
+        **extra,
     }
 
 
 def _fmt(m: dict[str, Any]) -> str:
-    return (f"   {m['library']:<20} S={m['seeds']} {m['tokens_per_s_per_sae']:>9.0f} tok/s/SAE  "
-            f"{m['fraction_of_roofline']:>6.1%} of roofline  ({m['steps']} steps in {m['seconds']:.1f} s, "
-            f"warm-up {m['warmup_seconds']:.1f} s, load {m['loadavg_before'][0]:.1f})")
+    return (
+        f"   {m['library']:<20} S={m['seeds']} {m['tokens_per_s_per_sae']:>9.0f} tok/s/SAE  "
+        f"{m['fraction_of_roofline']:>6.1%} of roofline  ({m['steps']} steps in {m['seconds']:.1f} s, "
+        f"warm-up {m['warmup_seconds']:.1f} s, load {m['loadavg_before'][0]:.1f})"
+    )
+
 
 def _gpu_ratios(size_meas: dict[str, Any], peers: list[str], limit: float) -> dict[str, Any]:
     """--device cuda: paperlib's bf16 runs (the CUDA default) against the fastest peer and the physical
@@ -759,10 +935,12 @@ def _gpu_ratios(size_meas: dict[str, Any], peers: list[str], limit: float) -> di
                 ratios[f"{variant.replace('-', '_')}_over_fastest_peer"] = round(ours / best["tokens_per_s_per_sae"], 3)
         if single["paperlib-bf16"]:
             ratios["paperlib_bf16_over_each_peer"] = {
-                m["library"]: round(single["paperlib-bf16"] / m["tokens_per_s_per_sae"], 3) for m in measured}
+                m["library"]: round(single["paperlib-bf16"] / m["tokens_per_s_per_sae"], 3) for m in measured
+            }
         if bank:
             ratios[f"paperlib_bf16_bank{BANK_SEEDS}_aggregate_over_fastest_peer"] = round(
-                bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3)
+                bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3
+            )
     if single["paperlib-bf16"] and single["paperlib-auxk-bf16"]:
         ratios["auxk_cost_bf16"] = round(single["paperlib-bf16"] / single["paperlib-auxk-bf16"], 3)
     if single["paperlib"] and single["paperlib-auxk"]:
@@ -772,15 +950,24 @@ def _gpu_ratios(size_meas: dict[str, Any], peers: list[str], limit: float) -> di
     if bank and len(singles) == BANK_SEEDS:
         ratios[f"together_over_separate_{BANK_SEEDS}"] = round(sum(m["seconds"] for m in singles) / bank["seconds"], 3)
         ratios["together_over_separate_definition"] = (
-            f"sum of the {BANK_SEEDS} single-seed bf16 runs' seconds / the {BANK_SEEDS}-seed bf16 bank's seconds")
+            f"sum of the {BANK_SEEDS} single-seed bf16 runs' seconds / the {BANK_SEEDS}-seed bf16 bank's seconds"
+        )
     return ratios
 
 
 def _new_result(machine: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The result file's skeleton (CPU and GPU runs alike), filled measurement by measurement."""
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": [_sanitize(a) for a in sys.argv[1:]],
-            "paperlib_commit": _git_commit(), "machine": machine, "config": config,
-            "peers": {}, "measurements": [], "skipped": [], "ratios": {}}
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": [_sanitize(a) for a in sys.argv[1:]],
+        "paperlib_commit": _git_commit(),
+        "machine": machine,
+        "config": config,
+        "peers": {},
+        "measurements": [],
+        "skipped": [],
+        "ratios": {},
+    }
 
 
 def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) -> None:
@@ -790,8 +977,11 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
 
     rehearsal = dev != "cuda"
     gpu = _gpu_info(dev)
-    default_out = (Path(tempfile.gettempdir()) / "train_throughput.rehearsal.json" if rehearsal
-                   else ROOT / "benchmarks" / "results" / f"train_throughput.{gpu['tag']}.json")
+    default_out = (
+        Path(tempfile.gettempdir()) / "train_throughput.rehearsal.json"
+        if rehearsal
+        else ROOT / "benchmarks" / "results" / f"train_throughput.{gpu['tag']}.json"
+    )
     out = args.out or default_out
     out_path = out if out.is_absolute() else Path.cwd() / out
     steps = args.steps or GPU_STEPS
@@ -801,29 +991,41 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
     machine = _machine()
     machine.pop("matmul_gflops")
     machine.update(gpu=gpu, device_copy_gbps=round(bandwidth, 1), gpu_matmul_gflops={}, physical_limit_tokens_per_s={})
-    result = _new_result(machine, {
-            "architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR, "steps": steps,
-            "warmup": warmup, "device": "cuda" if not rehearsal else "cpu (rehearsal of the cuda code path)",
+    result = _new_result(
+        machine,
+        {
+            "architecture": "topk",
+            "k": K,
+            "batch": BATCH,
+            "optimizer": "Adam",
+            "lr": LR,
+            "steps": steps,
+            "warmup": warmup,
+            "device": "cuda" if not rehearsal else "cpu (rehearsal of the cuda code path)",
             "dtype": "fp32 weights and Adam state; each measurement's 'precision' is its matmuls': paperlib bf16 = "
-                     "TrainConfig(precision='bf16') (what 'auto' means on CUDA), sparsify = its forward's bf16 "
-                     "autocast, sae-lens-bf16 = its autocast=True; fp32 = TF32 off (torch's default)",
+            "TrainConfig(precision='bf16') (what 'auto' means on CUDA), sparsify = its forward's bf16 "
+            "autocast, sae-lens-bf16 = its autocast=True; fp32 = TF32 off (torch's default)",
             "data": f"{DATA_BATCHES * BATCH} rows per size: Gaussian, rank-{DATA_RANK} structure (log-spaced variances "
-                    f"10..0.1) + N(0, 0.3^2) noise + a random offset, seed {DATA_SEED}+d; moved to the device once",
+            f"10..0.1) + N(0, 0.3^2) noise + a random offset, seed {DATA_SEED}+d; moved to the device once",
             "paperlib": "SAEConfig('topk', k=32, decoder='unit', reconstruction='sum'), train(..., TrainConfig("
-                        "lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096, precision=...), device='cuda')",
+            "lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096, precision=...), device='cuda')",
             "timing": "device synchronised before and after the timed part and around each subtracted evaluation; "
-                      "the SAE's parameters and the data checked on the device before timing ('placement')",
+            "the SAE's parameters and the data checked on the device before timing ('placement')",
             "tokens_per_s_per_sae": "steps * batch / seconds (a bank of S seeds: every seed sees every token)",
             "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of a [4096,d]x[d,n] matmul on the device in "
-                                    "the measurement's precision / (2 d n))",
+            "the measurement's precision / (2 d n))",
             "fraction_of_bf16_roofline": "the same against the bf16 matmul rate, for every measurement",
             "fraction_of_physical_limit": f"S * tokens_per_s_per_sae / (B / (2 B d n / R_bf16 + {ADAM_BYTES_PER_PARAM} "
-                                          "(2 d n + d + n) / W)): one TopK SAE's encoder forward at the bf16 rate "
-                                          "R_bf16 plus fp32 Adam traffic at the copy bandwidth W (device_copy_gbps)",
+            "(2 d n + d + n) / W)): one TopK SAE's encoder forward at the bf16 rate "
+            "R_bf16 plus fp32 Adam traffic at the copy bandwidth W (device_copy_gbps)",
             "peak_gpu_memory_mib": "torch.cuda.max_memory_allocated over the timed part, in the measuring process",
-        })
-    print(f"== {'GPU ' + gpu['name'] if not rehearsal else 'REHEARSAL on the CPU (not GPU numbers)'}, torch "
-          f"{torch.__version__}, CUDA {torch.version.cuda}; copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+        },
+    )
+    print(
+        f"== {'GPU ' + gpu['name'] if not rehearsal else 'REHEARSAL on the CPU (not GPU numbers)'}, torch "
+        f"{torch.__version__}, CUDA {torch.version.cuda}; copy bandwidth {bandwidth:.0f} GB/s",
+        flush=True,
+    )
     for peer in args.peers:
         result["peers"][peer] = info = _peer_importable(peer)
         print(f"   {peer}: {info['status']}" + (f" ({info['reason']})" if info.get("reason") else ""), flush=True)
@@ -833,22 +1035,32 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
         for d, n in sizes:
             data = Path(tmp) / f"x_{d}.pt"
             digest = _synthetic(d, data)
-            rates = {"bf16": _device_matmul_gflops(d, n, dev, "bfloat16"), "fp32": _device_matmul_gflops(d, n, dev),
-                     "tf32": _device_matmul_gflops(d, n, dev, tf32=True)}
+            rates = {
+                "bf16": _device_matmul_gflops(d, n, dev, "bfloat16"),
+                "fp32": _device_matmul_gflops(d, n, dev),
+                "tf32": _device_matmul_gflops(d, n, dev, tf32=True),
+            }
             rooflines = {p: r * 1e9 / (2 * d * n) for p, r in rates.items()}
             limit = physical_limit_tokens_per_s(d, n, rates["bf16"] * 1e9, bandwidth * 1e9)
             size_key = f"{d}x{n}"
             machine["gpu_matmul_gflops"][size_key] = {p: round(r, 1) for p, r in rates.items()}
             machine["physical_limit_tokens_per_s"][size_key] = round(limit, 1)
             tflops = ", ".join(f"{p} {r / 1e3:.3g}" for p, r in rates.items())
-            print(f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul TFLOP/s {tflops} -> bf16 roofline "
-                  f"{rooflines['bf16']:.0f} tok/s; physical limit {limit:.0f} tok/s; data sha256 {digest}", flush=True)
+            print(
+                f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul TFLOP/s {tflops} -> bf16 roofline "
+                f"{rooflines['bf16']:.0f} tok/s; physical limit {limit:.0f} tok/s; data sha256 {digest}",
+                flush=True,
+            )
             size_meas: dict[str, Any] = {}
 
             def record(entry: dict[str, Any], key: str, precision: str, extra: dict[str, Any]) -> None:
-                entry.update(precision=precision, fraction_of_bf16_roofline=round(
-                    entry["tokens_per_s_aggregate"] / rooflines["bf16"], 4), fraction_of_physical_limit=round(
-                    entry["tokens_per_s_aggregate"] / limit, 4), **extra, data_sha256=digest)
+                entry.update(
+                    precision=precision,
+                    fraction_of_bf16_roofline=round(entry["tokens_per_s_aggregate"] / rooflines["bf16"], 4),
+                    fraction_of_physical_limit=round(entry["tokens_per_s_aggregate"] / limit, 4),
+                    **extra,
+                    data_sha256=digest,
+                )
                 result["measurements"].append(entry)
                 size_meas[key] = entry
                 result["ratios"][size_key] = _gpu_ratios(size_meas, peer_names, limit)
@@ -863,14 +1075,39 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
             def measure(name: str, seeds: int = 1, repeat: int = 1) -> dict[str, Any]:
                 """One child; measured once more when its matmul check shows the GPU was shared."""
                 reference = rates["bf16" if name.endswith("-bf16") else "fp32"]
-                child = _run_child(sys.executable, name, d, n, steps, warmup, data, args.child_timeout, seeds=seeds,
-                                   repeat=repeat, gpu_device=dev)
+                child = _run_child(
+                    sys.executable,
+                    name,
+                    d,
+                    n,
+                    steps,
+                    warmup,
+                    data,
+                    args.child_timeout,
+                    seeds=seeds,
+                    repeat=repeat,
+                    gpu_device=dev,
+                )
                 rate = child.get("matmul_gflops_after")
                 if "error" not in child and rate is not None and rate < CONTENDED * reference:
-                    print(f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: measuring "
-                          "again", flush=True)
-                    retry = _run_child(sys.executable, name, d, n, steps, warmup, data, args.child_timeout,
-                                       seeds=seeds, repeat=repeat, gpu_device=dev)
+                    print(
+                        f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: measuring "
+                        "again",
+                        flush=True,
+                    )
+                    retry = _run_child(
+                        sys.executable,
+                        name,
+                        d,
+                        n,
+                        steps,
+                        warmup,
+                        data,
+                        args.child_timeout,
+                        seeds=seeds,
+                        repeat=repeat,
+                        gpu_device=dev,
+                    )
                     if "error" not in retry:
                         retry["contended_first_attempt"] = {"matmul_gflops_after": rate}
                         child = retry
@@ -885,14 +1122,31 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
                     return
                 precision = child["precision"]
                 for i, run in enumerate(child["runs"]):
-                    extra = {k: run[k] for k in ("seed", "seconds_with_evals", "eval_seconds", "final_fvu", "warnings",
-                                                 "peak_gpu_memory_mib", "placement")}
-                    extra.update(compile_enabled=child["compile_enabled"], step_path=child["step_path"],
-                                 contended=child["contended"],
-                                 contended_first_attempt=child.get("contended_first_attempt"),
-                                 matmul_gflops_after=child["matmul_gflops_after"])
-                    record(_measurement(library, child["version"], d, n, seeds, steps, rooflines[precision], run, {}),
-                           f"{library}_S{seeds}_{i}", precision, extra)
+                    extra = {
+                        k: run[k]
+                        for k in (
+                            "seed",
+                            "seconds_with_evals",
+                            "eval_seconds",
+                            "final_fvu",
+                            "warnings",
+                            "peak_gpu_memory_mib",
+                            "placement",
+                        )
+                    }
+                    extra.update(
+                        compile_enabled=child["compile_enabled"],
+                        step_path=child["step_path"],
+                        contended=child["contended"],
+                        contended_first_attempt=child.get("contended_first_attempt"),
+                        matmul_gflops_after=child["matmul_gflops_after"],
+                    )
+                    record(
+                        _measurement(library, child["version"], d, n, seeds, steps, rooflines[precision], run, {}),
+                        f"{library}_S{seeds}_{i}",
+                        precision,
+                        extra,
+                    )
 
             def run_peer(name: str) -> None:
                 child = measure(name)
@@ -900,12 +1154,27 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
                     skip(name, child["error"], detail=child.get("traceback") or child.get("stderr"))
                     return
                 precision = child.pop("precision")
-                extra = {k: v for k, v in child.items() if k not in (
-                    "seconds", "warmup_seconds", "loadavg_before", "loadavg_after", "version", "torch",
-                    "process_wall_seconds")}
+                extra = {
+                    k: v
+                    for k, v in child.items()
+                    if k
+                    not in (
+                        "seconds",
+                        "warmup_seconds",
+                        "loadavg_before",
+                        "loadavg_after",
+                        "version",
+                        "torch",
+                        "process_wall_seconds",
+                    )
+                }
                 extra["peer_torch"] = child["torch"]
-                record(_measurement(name, child["version"], d, n, 1, steps, rooflines[precision], child, {}), name,
-                       precision, extra)
+                record(
+                    _measurement(name, child["version"], d, n, 1, steps, rooflines[precision], child, {}),
+                    name,
+                    precision,
+                    extra,
+                )
 
             # The CUDA default first (bf16: three single-seed runs), then the peers, then the rest.
             peer_names = [p for p in args.peers if result["peers"][p]["status"] != "failed"]
@@ -916,12 +1185,18 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
             run_paperlib("paperlib-bf16", 1, BANK_SEEDS)
             for peer in peer_names:
                 run_peer(peer)
-            for library, seeds in (("paperlib-bf16", BANK_SEEDS), ("paperlib-auxk-bf16", 1), ("paperlib", 1),
-                                   ("paperlib-auxk", 1)):
+            for library, seeds in (
+                ("paperlib-bf16", BANK_SEEDS),
+                ("paperlib-auxk-bf16", 1),
+                ("paperlib", 1),
+                ("paperlib-auxk", 1),
+            ):
                 run_paperlib(library, seeds, 1)
             ratios = result["ratios"].get(size_key, {})
-            print(f"   ratios: {json.dumps({k: v for k, v in ratios.items() if not k.endswith('definition')})}",
-                  flush=True)
+            print(
+                f"   ratios: {json.dumps({k: v for k, v in ratios.items() if not k.endswith('definition')})}",
+                flush=True,
+            )
             _write(out_path, result)
 
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -937,10 +1212,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 2 if steps >= 10 else 1)")
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     ap.add_argument("--child-timeout", type=float, default=900.0)
-    ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/"
-                    "train_throughput.json; --device cuda: train_throughput.<gpu>.json there)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: every library on this machine's GPU, peers imported in this interpreter")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result file (default: benchmarks/results/"
+        "train_throughput.json; --device cuda: train_throughput.<gpu>.json there)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: every library on this machine's GPU, peers imported in this interpreter",
+    )
     ap.add_argument("--_rehearse", action="store_true", help=argparse.SUPPRESS)  # the cuda code path, CPU tensors
     # child mode (internal)
     ap.add_argument("--_child", choices=list(CHILDREN), help=argparse.SUPPRESS)
@@ -959,8 +1243,12 @@ def main() -> None:
         from paperlib.runtime import resolve_device
 
         try:  # refused before anything is measured, with the fix
-            resolve_device("cuda", "--device", "run with --device cpu on this machine, or on a machine with an "
-                           "NVIDIA GPU (there: bash benchmarks/gpu_check.sh, or make gpu-check)")
+            resolve_device(
+                "cuda",
+                "--device",
+                "run with --device cpu on this machine, or on a machine with an "
+                "NVIDIA GPU (there: bash benchmarks/gpu_check.sh, or make gpu-check)",
+            )
         except ValueError as exc:
             ap.error(str(exc))
 
@@ -985,24 +1273,40 @@ def main() -> None:
     out_path = out if out.is_absolute() else Path.cwd() / out
 
     t_start = time.perf_counter()
-    result = _new_result(_machine(), {"architecture": "topk", "k": K, "batch": BATCH, "optimizer": "Adam", "lr": LR,
-                   "dtype": "float32 (paperlib-bf16: bf16 matmul inputs)",
-                   "device": "cpu", "data": f"{DATA_BATCHES * BATCH} rows per size: Gaussian, rank-{DATA_RANK} "
-                   "structure (log-spaced variances 10..0.1) + N(0, 0.3^2) noise + a random offset, "
-                   f"seed {DATA_SEED}+d",
-                   "paperlib": "SAEConfig('topk', k=32, decoder='unit', reconstruction='sum'), "
-                   "train(..., TrainConfig(lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096))",
-                   "tokens_per_s_per_sae": "steps * batch / seconds (a bank of S seeds: every seed sees every token)",
-                   "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of the faster of torch.matmul and "
-                   "oneDNN's linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16"})
-    print(f"== machine: {result['machine']['cpu']}, {result['machine']['logical_cores']} cores, torch "
-          f"{torch.__version__}, load {_load()}", flush=True)
+    result = _new_result(
+        _machine(),
+        {
+            "architecture": "topk",
+            "k": K,
+            "batch": BATCH,
+            "optimizer": "Adam",
+            "lr": LR,
+            "dtype": "float32 (paperlib-bf16: bf16 matmul inputs)",
+            "device": "cpu",
+            "data": f"{DATA_BATCHES * BATCH} rows per size: Gaussian, rank-{DATA_RANK} "
+            "structure (log-spaced variances 10..0.1) + N(0, 0.3^2) noise + a random offset, "
+            f"seed {DATA_SEED}+d",
+            "paperlib": "SAEConfig('topk', k=32, decoder='unit', reconstruction='sum'), "
+            "train(..., TrainConfig(lr=1e-4, batch_size=4096, log_every=1e9, eval_rows=4096))",
+            "tokens_per_s_per_sae": "steps * batch / seconds (a bank of S seeds: every seed sees every token)",
+            "fraction_of_roofline": "S * tokens_per_s_per_sae / (FLOP/s of the faster of torch.matmul and "
+            "oneDNN's linear on [4096,d]x[d,n] fp32 / (2 d n)); paperlib-bf16: torch.matmul in bf16",
+        },
+    )
+    print(
+        f"== machine: {result['machine']['cpu']}, {result['machine']['logical_cores']} cores, torch "
+        f"{torch.__version__}, load {_load()}",
+        flush=True,
+    )
 
     for peer in args.peers:
         result["peers"][peer] = info = _ensure_peer(peer)
-        print(f"   {peer}: {info['status']}"
-              + (f" in {info['install_seconds']:.0f} s" if info.get("install_seconds") else "")
-              + (f" ({info['reason']})" if info.get("reason") else ""), flush=True)
+        print(
+            f"   {peer}: {info['status']}"
+            + (f" in {info['install_seconds']:.0f} s" if info.get("install_seconds") else "")
+            + (f" ({info['reason']})" if info.get("reason") else ""),
+            flush=True,
+        )
     _write(out_path, result)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -1021,10 +1325,12 @@ def main() -> None:
                 result["machine"]["matmul_gflops"][size_key]["onednn_gflops"] = round(onednn_gflops, 1)
             if bf16_gflops:
                 result["machine"]["matmul_gflops"][size_key]["bf16_gflops"] = round(bf16_gflops, 1)
-            print(f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul {gflops:.0f} GFLOP/s (torch), "
-                  f"{onednn_gflops or float('nan'):.0f} (oneDNN) -> roofline {roofline:.0f} tok/s; "
-                  f"data sha256 {digest}",
-                  flush=True)
+            print(
+                f"== d={d} n={n}: {steps} timed steps, {warmup} warm-up; matmul {gflops:.0f} GFLOP/s (torch), "
+                f"{onednn_gflops or float('nan'):.0f} (oneDNN) -> roofline {roofline:.0f} tok/s; "
+                f"data sha256 {digest}",
+                flush=True,
+            )
             size_meas: dict[str, Any] = {}
 
             def record(entry: dict[str, Any], key: str) -> None:
@@ -1045,14 +1351,20 @@ def main() -> None:
                 child = _run_child(python, name, d, n, steps, warmup, data, args.child_timeout, **kw)
                 rate = child.get("matmul_gflops_after")
                 if "error" not in child and rate is not None and rate < CONTENDED * reference:
-                    print(f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: "
-                          "the CPU was shared; waiting for a quieter moment and measuring again", flush=True)
+                    print(
+                        f"   {name}: matmul check {rate:.0f} GFLOP/s < {CONTENDED:.0%} of {reference:.0f}: "
+                        "the CPU was shared; waiting for a quieter moment and measuring again",
+                        flush=True,
+                    )
                     _wait_for_quiet()
                     retry = _run_child(python, name, d, n, steps, warmup, data, args.child_timeout, **kw)
                     if "error" not in retry:
                         first = child.get("runs", [child])
-                        retry["contended_first_attempt"] = {"matmul_gflops_after": rate, "loadavg_before": [
-                            r["loadavg_before"] for r in first], "seconds": [round(r["seconds"], 3) for r in first]}
+                        retry["contended_first_attempt"] = {
+                            "matmul_gflops_after": rate,
+                            "loadavg_before": [r["loadavg_before"] for r in first],
+                            "seconds": [round(r["seconds"], 3) for r in first],
+                        }
                         child = retry
                 if "error" not in child:
                     child["contended"] = child.get("matmul_gflops_after", 0.0) < CONTENDED * reference
@@ -1072,13 +1384,18 @@ def main() -> None:
                     continue
                 for i, run in enumerate(child["runs"]):
                     extra = {k: run[k] for k in ("seed", "seconds_with_evals", "eval_seconds", "final_fvu", "warnings")}
-                    extra.update(compile_enabled=child["compile_enabled"], step_path=child["step_path"],
-                                 contended=child["contended"],
-                                 contended_first_attempt=child.get("contended_first_attempt"),
-                                 torch_threads=child["torch_threads"],
-                                 matmul_gflops_after=child["matmul_gflops_after"])
-                    record(_measurement(library, child["version"], d, n, seeds, steps, library_roofline, run, extra),
-                           f"{library}_S{seeds}_{i}")
+                    extra.update(
+                        compile_enabled=child["compile_enabled"],
+                        step_path=child["step_path"],
+                        contended=child["contended"],
+                        contended_first_attempt=child.get("contended_first_attempt"),
+                        torch_threads=child["torch_threads"],
+                        matmul_gflops_after=child["matmul_gflops_after"],
+                    )
+                    record(
+                        _measurement(library, child["version"], d, n, seeds, steps, library_roofline, run, extra),
+                        f"{library}_S{seeds}_{i}",
+                    )
 
             for peer in args.peers:
                 info = result["peers"][peer]
@@ -1089,9 +1406,20 @@ def main() -> None:
                 if "error" in child:
                     skip(peer, child["error"], detail=child.get("traceback") or child.get("stderr"))
                     continue
-                extra = {k: v for k, v in child.items() if k not in (
-                    "seconds", "warmup_seconds", "loadavg_before", "loadavg_after", "version", "torch",
-                    "process_wall_seconds")}
+                extra = {
+                    k: v
+                    for k, v in child.items()
+                    if k
+                    not in (
+                        "seconds",
+                        "warmup_seconds",
+                        "loadavg_before",
+                        "loadavg_after",
+                        "version",
+                        "torch",
+                        "process_wall_seconds",
+                    )
+                }
                 extra["peer_torch"] = child["torch"]
                 record(_measurement(peer, child["version"], d, n, 1, steps, roofline, child, extra), peer)
 
@@ -1106,15 +1434,18 @@ def main() -> None:
                     best = max(peers, key=lambda m: m["tokens_per_s_per_sae"])
                     ratios["fastest_peer"] = best["library"]
                     ratios["paperlib_over_fastest_peer"] = round(ours / best["tokens_per_s_per_sae"], 3)
-                    ratios["paperlib_over_each_peer"] = {m["library"]: round(ours / m["tokens_per_s_per_sae"], 3)
-                                                         for m in peers}
+                    ratios["paperlib_over_each_peer"] = {
+                        m["library"]: round(ours / m["tokens_per_s_per_sae"], 3) for m in peers
+                    }
                     if bank:
                         ratios[f"paperlib_bank{BANK_SEEDS}_aggregate_over_fastest_peer"] = round(
-                            bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3)
+                            bank["tokens_per_s_aggregate"] / best["tokens_per_s_per_sae"], 3
+                        )
                     for variant in ("paperlib-bf16", "paperlib-auxk", "paperlib-auxk-bf16"):
                         if f"{variant}_S1_0" in size_meas:
                             ratios[f"{variant.replace('-', '_')}_over_fastest_peer_fp32"] = round(
-                                size_meas[f"{variant}_S1_0"]["tokens_per_s_per_sae"] / best["tokens_per_s_per_sae"], 3)
+                                size_meas[f"{variant}_S1_0"]["tokens_per_s_per_sae"] / best["tokens_per_s_per_sae"], 3
+                            )
                 if "paperlib-auxk_S1_0" in size_meas:
                     ratios["auxk_cost"] = round(ours / size_meas["paperlib-auxk_S1_0"]["tokens_per_s_per_sae"], 3)
                 if bank and len(singles) == BANK_SEEDS:
@@ -1122,13 +1453,18 @@ def main() -> None:
                     ratios[f"together_over_separate_{BANK_SEEDS}"] = round(separate / bank["seconds"], 3)
                     ratios[f"together_over_separate_{BANK_SEEDS}_with_warmup"] = round(
                         (separate + sum(m["warmup_seconds"] for m in singles))
-                        / (bank["seconds"] + bank["warmup_seconds"]), 3)
+                        / (bank["seconds"] + bank["warmup_seconds"]),
+                        3,
+                    )
                     ratios["together_over_separate_definition"] = (
                         f"sum of the {BANK_SEEDS} single-seed runs' seconds / the {BANK_SEEDS}-seed bank's seconds "
-                        "(same steps; = aggregate throughput ratio)")
+                        "(same steps; = aggregate throughput ratio)"
+                    )
             result["ratios"][size_key] = ratios
-            print(f"   ratios: {json.dumps({k: v for k, v in ratios.items() if not k.endswith('definition')})}",
-                  flush=True)
+            print(
+                f"   ratios: {json.dumps({k: v for k, v in ratios.items() if not k.endswith('definition')})}",
+                flush=True,
+            )
             _write(out_path, result)
 
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)

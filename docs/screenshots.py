@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     if chromium is None:
         sys.exit("no chromium on PATH: run make browser (as root it installs Debian's chromium)")
     pages = {name: figures_dir(args.profile) / f"{name}.html" for name in PAGES}
-    missing = [f"{path} (make figures PROFILE={args.profile} runs {PAGES[name]})"
-               for name, path in pages.items() if not path.exists()]
+    missing = [
+        f"{path} (make figures PROFILE={args.profile} runs {PAGES[name]})"
+        for name, path in pages.items()
+        if not path.exists()
+    ]
     if missing:
         sys.exit("missing explorer pages: " + "; ".join(missing))
     with sync_playwright() as pw:

@@ -47,23 +47,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     cons.add_argument("runs", nargs="+", metavar="RUN", help="SAE runs to compare (at least two)")
     cons.add_argument("--abs", action="store_true", help="use |cos| (the paper's formula) instead of signed cosine")
-    cons.add_argument("--json", action="store_true",
-                      help="print the versioned JSON document (every matching, per-latent stability, provenance) "
-                      "instead of a table")
-    cons.add_argument("--out", metavar="FILE", help="also write the JSON document to FILE")
-    cons.add_argument("--html", metavar="FILE",
-                      help="also write the consistency explorer page (the first run's latents) to FILE")
-    cons.add_argument("--device", help="torch device for the matcher's similarity scans: cpu (default), cuda, "
-                      "cuda:N or auto")
-    cons.add_argument("--drop-dead", action="store_true",
-                      help="leave zero-norm decoder rows (dead latents) out of the matching instead of scoring them 0")
     cons.add_argument(
-        "--chance-samples", type=int, default=3, metavar="N",
+        "--json",
+        action="store_true",
+        help="print the versioned JSON document (every matching, per-latent stability, provenance) instead of a table",
+    )
+    cons.add_argument("--out", metavar="FILE", help="also write the JSON document to FILE")
+    cons.add_argument(
+        "--html", metavar="FILE", help="also write the consistency explorer page (the first run's latents) to FILE"
+    )
+    cons.add_argument(
+        "--device", help="torch device for the matcher's similarity scans: cpu (default), cuda, cuda:N or auto"
+    )
+    cons.add_argument(
+        "--drop-dead",
+        action="store_true",
+        help="leave zero-norm decoder rows (dead latents) out of the matching instead of scoring them 0",
+    )
+    cons.add_argument(
+        "--chance-samples",
+        type=int,
+        default=3,
+        metavar="N",
         help="random dictionary pairs for the chance level (default 3; 0 skips it)",
     )
-    cons.add_argument("--thresholds", type=_thresholds, metavar="T,T,...",
-                      default=",".join(map(str, DEFAULT_THRESHOLDS)),
-                      help="cosines at which per-latent stability is reported (default %(default)s)")
+    cons.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        metavar="T,T,...",
+        default=",".join(map(str, DEFAULT_THRESHOLDS)),
+        help="cosines at which per-latent stability is reported (default %(default)s)",
+    )
     cons.set_defaults(func=_consistency)
     cache = sub.add_parser("cache", help="inspect the result cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -71,9 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cache_info)
     clean = cache_sub.add_parser("clean", help="remove temporary files that interrupted writes left behind")
-    clean.add_argument("--max-age", type=float, default=None, metavar="MINUTES",
-                       help="only those older than this (default: the store's own limit, 60 minutes; a younger "
-                       "one may belong to a write still in progress)")
+    clean.add_argument(
+        "--max-age",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="only those older than this (default: the store's own limit, 60 minutes; a younger "
+        "one may belong to a write still in progress)",
+    )
     clean.set_defaults(func=_cache_clean)
     return parser
 
@@ -127,8 +146,14 @@ def _consistency(args: argparse.Namespace) -> int:
     from paperlib.consistency_json import compare
 
     try:
-        document = compare(args.runs, signed=not args.abs, drop_dead=args.drop_dead, device=device,
-                           chance_samples=args.chance_samples, thresholds=args.thresholds)
+        document = compare(
+            args.runs,
+            signed=not args.abs,
+            drop_dead=args.drop_dead,
+            device=device,
+            chance_samples=args.chance_samples,
+            thresholds=args.thresholds,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.out:
@@ -154,8 +179,10 @@ def _show(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     _write_page(args.html, document)
-    print(f"{args.file}: written {document['created']} by paperlib {document['software']['paperlib']}; weight files: "
-          + ", ".join(f"[{i}] {c}" for i, c in enumerate(checks, 1)))
+    print(
+        f"{args.file}: written {document['created']} by paperlib {document['software']['paperlib']}; weight files: "
+        + ", ".join(f"[{i}] {c}" for i, c in enumerate(checks, 1))
+    )
     print(_table(document))
     return 0
 
@@ -183,8 +210,10 @@ def _table(doc: dict) -> str:
     lines += ["", f"PW-MCC = {doc['pw_mcc']:.4f} ± {doc['pw_mcc_std']:.4f} over {len(pairs)} pairs"]
     uncertified = [f"[{p['a'] + 1}]-[{p['b'] + 1}]" for p in pairs if not p["certified"]]
     if uncertified:
-        lines.append(f"matchings: {len(uncertified)} of {len(pairs)} NOT certified optimal ({', '.join(uncertified)}); "
-                     "their MCC may be too low")
+        lines.append(
+            f"matchings: {len(uncertified)} of {len(pairs)} NOT certified optimal ({', '.join(uncertified)}); "
+            "their MCC may be too low"
+        )
     else:
         lines.append(f"matchings: all {len(pairs)} certified optimal")
     chance = doc["chance"]
@@ -204,8 +233,11 @@ def _table(doc: dict) -> str:
             f"{d_model}: {parts})"
         )
     stability = doc["stability"]
-    lines += ["", "per-latent stability at cosine t: mean = share of the other runs where a latent's match reaches t, "
-              "averaged over latents; in all = share of latents that reach t in every other run"]
+    lines += [
+        "",
+        "per-latent stability at cosine t: mean = share of the other runs where a latent's match reaches t, "
+        "averaged over latents; in all = share of latents that reach t in every other run",
+    ]
     header = ["t", "mean", "in all"] + ([] if stability["chance_curve"] is None else ["chance"])
     lines.append("  " + " ".join(h.rjust(9) for h in header))
     chance_curve = stability["chance_curve"] or [None] * len(stability["thresholds"])
@@ -245,8 +277,11 @@ def _cache_info(args: argparse.Namespace) -> int:
     temp_bytes = sum(_size(t) if t.is_dir() else t.stat().st_size for t in temps)
     orphans = {"count": len(temps), "stale": len(stale), "bytes": temp_bytes}
     if args.json:
-        print(json.dumps({"root": str(root), "exists": root.is_dir(), "namespaces": spaces, "temporaries": orphans},
-                         indent=1))
+        print(
+            json.dumps(
+                {"root": str(root), "exists": root.is_dir(), "namespaces": spaces, "temporaries": orphans}, indent=1
+            )
+        )
         return 0
     print(f"cache root: {root}" + ("" if root.is_dir() else " (does not exist yet)"))
     if not spaces:
@@ -258,8 +293,10 @@ def _cache_info(args: argparse.Namespace) -> int:
         total = sum(s["bytes"] for s in spaces)
         print(f"  {'total':<{width}}  {_entries(sum(s['entries'] for s in spaces))}  {_human(total):>10}")
     if temps:
-        print(f"temporary files of interrupted writes: {len(temps)} ({_human(temp_bytes)}, counted above), "
-              f"{len(stale)} older than {STALE_AFTER_S / 60:.0f} min; `python -m paperlib cache clean` removes those")
+        print(
+            f"temporary files of interrupted writes: {len(temps)} ({_human(temp_bytes)}, counted above), "
+            f"{len(stale)} older than {STALE_AFTER_S / 60:.0f} min; `python -m paperlib cache clean` removes those"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ when :func:`solve` reports ``converged``::
     u[i] + v[sigma[i]] == w[i, sigma[i]]   up to ``tol`` (reported as ``slack``),
     v >= 0 and v == 0 on unmatched columns (rectangular case; after normalisation).
 """
+
 from __future__ import annotations
 
 import time
@@ -143,7 +144,16 @@ def solve(es: EdgeSet, cap: np.ndarray | None, tol: float = 1e-14, max_iter: int
         v -= shift
     u = np.maximum.reduceat(w - v[cols], indptr[:-1])
     slack = u + v[sig] - wmatch  # >= 0; complementary slackness defect
-    return dict(sig=sig, u=u, v=v, wmatch=wmatch, converged=converged, iters=it, t_lap=t_lap,
-                t_duals=time.perf_counter() - t0 - t_lap,
-                slack=float(slack.sum()), min_v=float(v.min()) if free_idx.size else 0.0,
-                free=free_idx)
+    return dict(
+        sig=sig,
+        u=u,
+        v=v,
+        wmatch=wmatch,
+        converged=converged,
+        iters=it,
+        t_lap=t_lap,
+        t_duals=time.perf_counter() - t0 - t_lap,
+        slack=float(slack.sum()),
+        min_v=float(v.min()) if free_idx.size else 0.0,
+        free=free_idx,
+    )

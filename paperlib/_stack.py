@@ -25,8 +25,9 @@ def user_stacklevel() -> int:
     outside paperlib and its wrappers (the outermost frame when there is none)."""
     frame = sys._getframe(1)  # the function that warns: stacklevel 1
     level = 1
-    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_INTERNAL)
-                                        or frame.f_code.co_filename in _WRAPPERS):
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_INTERNAL) or frame.f_code.co_filename in _WRAPPERS
+    ):
         frame = frame.f_back
         level += 1
     return level

@@ -64,12 +64,27 @@ import torch
 from paperlib.atomic import atomic_path, write_text
 from paperlib.checks import is_int, is_real
 from paperlib.corpus import check_corpus, count_tokens, describe, documents, pack, separator_id, special_ids
-from paperlib.llm import (PACKAGED, check_layer, decoder_blocks, load_model, load_tokenizer, mean_next_token_loss,
-                          residual)
+from paperlib.llm import (
+    PACKAGED,
+    check_layer,
+    decoder_blocks,
+    load_model,
+    load_tokenizer,
+    mean_next_token_loss,
+    residual,
+)
 from paperlib.store import Store, config_key, jsonable
 
-__all__ = ["ActivationConfig", "Activations", "load_activations", "contexts", "token_counts", "next_token_loss",
-           "load_model", "load_tokenizer"]
+__all__ = [
+    "ActivationConfig",
+    "Activations",
+    "load_activations",
+    "contexts",
+    "token_counts",
+    "next_token_loss",
+    "load_model",
+    "load_tokenizer",
+]
 
 _FORMAT = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,35 +97,44 @@ class ActivationConfig:
     up the model (Paper A: Pythia-160M after block 8 of 12; Paper B: GPT-2 small before block 8 of 12,
     i.e. after block 7), and the output of block 19 of SmolLM2's 30 is 20/30 = 2/3 of the way."""
 
-    model: str = PACKAGED        # packaged SmolLM2-135M-Instruct (dequantised Q4_1); else a hub id or a local directory
-    layer: int = 19              # residual stream OUTPUT of block `layer` (0-based) = hidden_states[layer + 1]
-    corpus: str = "wikipedia"    # packaged; "hf:<dataset>[:<split>[:<text column>]]"; or .txt/.jsonl file(s)/dir
+    model: str = PACKAGED  # packaged SmolLM2-135M-Instruct (dequantised Q4_1); else a hub id or a local directory
+    layer: int = 19  # residual stream OUTPUT of block `layer` (0-based) = hidden_states[layer + 1]
+    corpus: str = "wikipedia"  # packaged; "hf:<dataset>[:<split>[:<text column>]]"; or .txt/.jsonl file(s)/dir
     context_length: int = 128
-    n_tokens: int = 200_000      # contexts × context_length (rounded down to whole contexts)
-    dtype: str = "float16"       # storage: float16 | bfloat16; compute is float32
-    batch_contexts: int = 32     # contexts per forward pass
-    shard_tokens: int = 65_536   # tokens per shard (unit of resumption and of re-extraction)
-    first_position: int = 2      # rows start at this position of each context (module docstring: why 2)
+    n_tokens: int = 200_000  # contexts × context_length (rounded down to whole contexts)
+    dtype: str = "float16"  # storage: float16 | bfloat16; compute is float32
+    batch_contexts: int = 32  # contexts per forward pass
+    shard_tokens: int = 65_536  # tokens per shard (unit of resumption and of re-extraction)
+    first_position: int = 2  # rows start at this position of each context (module docstring: why 2)
 
     def __post_init__(self) -> None:
         for name in ("layer", "first_position", "context_length", "n_tokens", "batch_contexts", "shard_tokens"):
             value = getattr(self, name)
             nonneg = name in ("layer", "first_position")
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if nonneg else 1):
-                raise ValueError(f"ActivationConfig.{name} must be a {'non-negative' if nonneg else 'positive'} "
-                                 f"integer, got {value!r}")
+                raise ValueError(
+                    f"ActivationConfig.{name} must be a {'non-negative' if nonneg else 'positive'} "
+                    f"integer, got {value!r}"
+                )
         if self.context_length < 2:
-            raise ValueError(f"ActivationConfig.context_length must be >= 2 (separator + text), "
-                             f"got {self.context_length}")
+            raise ValueError(
+                f"ActivationConfig.context_length must be >= 2 (separator + text), got {self.context_length}"
+            )
         if self.first_position >= self.context_length:
-            raise ValueError(f"ActivationConfig.first_position={self.first_position} leaves no position of a "
-                             f"{self.context_length}-token context; lower it")
+            raise ValueError(
+                f"ActivationConfig.first_position={self.first_position} leaves no position of a "
+                f"{self.context_length}-token context; lower it"
+            )
         if self.n_tokens < self.context_length:
-            raise ValueError(f"ActivationConfig.n_tokens={self.n_tokens} is less than one context of "
-                             f"{self.context_length} tokens; raise n_tokens")
+            raise ValueError(
+                f"ActivationConfig.n_tokens={self.n_tokens} is less than one context of "
+                f"{self.context_length} tokens; raise n_tokens"
+            )
         if self.shard_tokens < self.context_length:
-            raise ValueError(f"ActivationConfig.shard_tokens={self.shard_tokens} is less than one context of "
-                             f"{self.context_length} tokens; raise shard_tokens")
+            raise ValueError(
+                f"ActivationConfig.shard_tokens={self.shard_tokens} is less than one context of "
+                f"{self.context_length} tokens; raise shard_tokens"
+            )
         if self.dtype not in _DTYPES:
             raise ValueError(f"ActivationConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         check_corpus(self.corpus)
@@ -128,8 +152,7 @@ def contexts(cfg: ActivationConfig, store: Store | None = None) -> torch.Tensor:
     """The token contexts ``[n_contexts, context_length]`` (int32) the activations are read from;
     cached in the Store (they depend only on tokenizer, corpus and sizes, not on the layer)."""
     store = store or Store()
-    key = {"model": cfg.model, "corpus": cfg.corpus, "context_length": cfg.context_length,
-           "n_contexts": cfg.n_contexts}
+    key = {"model": cfg.model, "corpus": cfg.corpus, "context_length": cfg.context_length, "n_contexts": cfg.n_contexts}
 
     def compute():
         tokenizer = load_tokenizer(cfg.model, store)
@@ -146,8 +169,12 @@ def token_counts(cfg: ActivationConfig, store: Store | None = None) -> torch.Ten
     return count_tokens(contexts(cfg, store), special_ids(tokenizer), len(tokenizer))
 
 
-def next_token_loss(cfg: ActivationConfig, tokens: torch.Tensor,
-                    replace: Callable[[torch.Tensor], torch.Tensor] | None = None, store: Store | None = None) -> float:
+def next_token_loss(
+    cfg: ActivationConfig,
+    tokens: torch.Tensor,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    store: Store | None = None,
+) -> float:
     """The model's mean next-token cross-entropy (nats) on ``tokens`` [n, seq], over every target that
     is not a special token. With ``replace``, the residual after block ``cfg.layer`` at the positions
     that have activation rows (not special, not before ``cfg.first_position``) is replaced by
@@ -162,10 +189,13 @@ def next_token_loss(cfg: ActivationConfig, tokens: torch.Tensor,
     vocab = model.get_input_embeddings().weight.shape[0]
     if tokens.numel() == 0 or tokens.shape[1] < 2 or int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         ids = f", ids {int(tokens.min())}..{int(tokens.max())}" if tokens.numel() else ""
-        raise ValueError(f"tokens must hold at least 2 positions of ids in 0..{vocab - 1} for model {cfg.model!r}, "
-                         f"got shape {tuple(tokens.shape)}{ids}")
-    return mean_next_token_loss(model, tokens, special_ids(tokenizer), cfg.layer, replace, cfg.batch_contexts,
-                                cfg.first_position)
+        raise ValueError(
+            f"tokens must hold at least 2 positions of ids in 0..{vocab - 1} for model {cfg.model!r}, "
+            f"got shape {tuple(tokens.shape)}{ids}"
+        )
+    return mean_next_token_loss(
+        model, tokens, special_ids(tokenizer), cfg.layer, replace, cfg.batch_contexts, cfg.first_position
+    )
 
 
 class Activations:
@@ -183,8 +213,10 @@ class Activations:
         self.row_context, self.row_position = keep.nonzero(as_tuple=True)
         n_rows = int(plan["n_rows"])
         if len(self.row_context) != n_rows:
-            raise RuntimeError(f"activation cache {path} is inconsistent ({len(self.row_context)} non-special "
-                               f"positions, {n_rows} rows); delete the directory to re-extract")
+            raise RuntimeError(
+                f"activation cache {path} is inconsistent ({len(self.row_context)} non-special "
+                f"positions, {n_rows} rows); delete the directory to re-extract"
+            )
         raw = np.memmap(path / _X, dtype=np.int16, mode="c", shape=(n_rows, self.d_model))
         self.x: torch.Tensor = torch.from_numpy(raw).view(_DTYPES[plan["dtype"]])
 
@@ -192,8 +224,10 @@ class Activations:
         return self.x.shape[0]
 
     def __repr__(self) -> str:
-        return (f"Activations({len(self)} rows × {self.d_model}, {self.config.model} layer {self.config.layer}, "
-                f"{self.config.corpus}, {self.x.dtype}, scale={self.scale:.4g})")
+        return (
+            f"Activations({len(self)} rows × {self.d_model}, {self.config.model} layer {self.config.layer}, "
+            f"{self.config.corpus}, {self.x.dtype}, scale={self.scale:.4g})"
+        )
 
     def fp32(self, rows: torch.Tensor | slice | None = None, scaled: bool = False) -> torch.Tensor:
         """Rows (all by default) as float32, times ``scale`` when ``scaled`` (unit mean squared norm)."""
@@ -215,14 +249,21 @@ class Activations:
         ids = self.tokens[self.row_context[row]].tolist()
         pos = int(self.row_position[row])
         decode = self.tokenizer.decode
-        token = decode(ids[pos:pos + 1])
+        token = decode(ids[pos : pos + 1])
         lead = len(token) - len(token.lstrip())
-        return (decode(ids[max(0, pos - window):pos]) + token[:lead] + mark[0] + token[lead:] + mark[1]
-                + decode(ids[pos + 1:pos + 1 + window]))
+        return (
+            decode(ids[max(0, pos - window) : pos])
+            + token[:lead]
+            + mark[0]
+            + token[lead:]
+            + mark[1]
+            + decode(ids[pos + 1 : pos + 1 + window])
+        )
 
 
-def load_activations(cfg: ActivationConfig, store: Store | None = None, progress: bool = True,
-                     verify: bool = True) -> Activations:
+def load_activations(
+    cfg: ActivationConfig, store: Store | None = None, progress: bool = True, verify: bool = True
+) -> Activations:
     """The activations for ``cfg``: from the cache (verified; a corrupt shard is re-extracted), else
     extracted now, continuing an interrupted extraction from its last complete shard."""
     store = store or Store()
@@ -280,22 +321,34 @@ def _shape_problem(record: Any, complete: bool) -> str | None:
     if not isinstance(plan, dict) or not isinstance(done, dict):
         return "has no 'plan' and 'done' objects"
     ints = ("n_contexts", "context_length", "first_position", "d_model", "n_rows")
-    if not all(is_int(plan.get(k), 0) for k in ints) or plan.get("dtype") not in _DTYPES \
-            or not isinstance(plan.get("tokens_sha256"), str) or not isinstance(plan.get("shards"), list):
+    if (
+        not all(is_int(plan.get(k), 0) for k in ints)
+        or plan.get("dtype") not in _DTYPES
+        or not isinstance(plan.get("tokens_sha256"), str)
+        or not isinstance(plan.get("shards"), list)
+    ):
         return f"has a malformed 'plan' (needs integers {', '.join(ints)}, dtype, tokens_sha256 and shards)"
     if not all(isinstance(sh, list) and len(sh) == 4 and all(is_int(v, 0) for v in sh) for sh in plan["shards"]):
         return "has a malformed 'plan.shards' (needs [context start, stop, row start, stop] per shard)"
     for key, value in done.items():
-        if not (key.isdigit() and int(key) < len(plan["shards"]) and isinstance(value, dict)
-                and isinstance(value.get("sha256"), str) and is_real(value.get("sumsq"))):
+        if not (
+            key.isdigit()
+            and int(key) < len(plan["shards"])
+            and isinstance(value, dict)
+            and isinstance(value.get("sha256"), str)
+            and is_real(value.get("sumsq"))
+        ):
             return f"has a malformed 'done' record for shard {key!r} (needs sha256 and sumsq)"
     if not complete:
         return None
     if not (is_real(record.get("scale")) and record["scale"] > 0):
         return f"has no positive finite 'scale' (got {record.get('scale')!r})"
     meta = record.get("meta")
-    if not isinstance(meta, dict) or not isinstance(meta.get("special_ids"), list) \
-            or not all(is_int(v, 0) for v in meta["special_ids"]):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("special_ids"), list)
+        or not all(is_int(v, 0) for v in meta["special_ids"])
+    ):
         return "has a malformed 'meta' (needs special_ids)"
     return None
 
@@ -303,7 +356,7 @@ def _shape_problem(record: Any, complete: bool) -> str | None:
 def _scale_from_shards(manifest: dict) -> float:
     """The normalisation factor as ``_extract`` computes it from the shards' recorded squared norms."""
     mean_sq = sum(v["sumsq"] for v in manifest["done"].values()) / manifest["plan"]["n_rows"]
-    return float(mean_sq ** -0.5)
+    return float(mean_sq**-0.5)
 
 
 def _seal_problem(path: Path, manifest: dict) -> str | None:
@@ -330,8 +383,9 @@ def _read_journal(path: Path) -> dict:
         problem = "does not match its own hash (it was edited, damaged or written by an older paperlib)"
     if problem:
         # stacklevel: _read_journal <- _extract <- load_activations <- the user's call
-        warnings.warn(f"activation cache {path}: {_PROGRESS} {problem}; ignoring it and extracting every shard",
-                      stacklevel=4)
+        warnings.warn(
+            f"activation cache {path}: {_PROGRESS} {problem}; ignoring it and extracting every shard", stacklevel=4
+        )
         return {}
     return journal
 
@@ -434,11 +488,24 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
     d_model = int(model.get_input_embeddings().weight.shape[1])
     bounds = np.concatenate([[0], np.cumsum(keep.sum(1))])
     starts = range(0, len(tokens), cfg.shard_contexts)
-    plan = {"n_contexts": len(tokens), "context_length": cfg.context_length, "first_position": cfg.first_position,
-            "d_model": d_model, "dtype": cfg.dtype,
-            "n_rows": int(bounds[-1]), "tokens_sha256": _tokens_sha(tokens),
-            "shards": [[c0, min(c0 + cfg.shard_contexts, len(tokens)), int(bounds[c0]),
-                        int(bounds[min(c0 + cfg.shard_contexts, len(tokens))])] for c0 in starts]}
+    plan = {
+        "n_contexts": len(tokens),
+        "context_length": cfg.context_length,
+        "first_position": cfg.first_position,
+        "d_model": d_model,
+        "dtype": cfg.dtype,
+        "n_rows": int(bounds[-1]),
+        "tokens_sha256": _tokens_sha(tokens),
+        "shards": [
+            [
+                c0,
+                min(c0 + cfg.shard_contexts, len(tokens)),
+                int(bounds[c0]),
+                int(bounds[min(c0 + cfg.shard_contexts, len(tokens))]),
+            ]
+            for c0 in starts
+        ],
+    }
     if plan["n_rows"] == 0:
         raise ValueError(f"corpus {cfg.corpus!r} gave only special tokens; nothing to extract")
     journal = _read_journal(path)
@@ -464,8 +531,14 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
     finished = sum(plan["shards"][i][1] - plan["shards"][i][0] for i in range(len(plan["shards"])) if str(i) in done)
     dev = next(model.parameters()).device
     storage = _DTYPES[cfg.dtype]
-    bar = tqdm(total=len(tokens) * cfg.context_length, initial=finished * cfg.context_length, unit="tok",
-               unit_scale=True, disable=not progress, desc=f"{cfg.model} block {cfg.layer}")
+    bar = tqdm(
+        total=len(tokens) * cfg.context_length,
+        initial=finished * cfg.context_length,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"{cfg.model} block {cfg.layer}",
+    )
     t0, extracted = time.perf_counter(), 0
     with (path / _X).open("r+b") as fh, bar:
         for i in todo:
@@ -481,8 +554,12 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
                     finite = bool(torch.isfinite(rows).all())
                     raise ValueError(
                         f"activations of {cfg.model!r} block {cfg.layer} in contexts {b0}..{b1 - 1} are "
-                        + (f"too large for {cfg.dtype}; use dtype='bfloat16'" if finite else "NaN or Inf: the model "
-                           "itself produced them; check the model and its weights"))
+                        + (
+                            f"too large for {cfg.dtype}; use dtype='bfloat16'"
+                            if finite
+                            else "NaN or Inf: the model itself produced them; check the model and its weights"
+                        )
+                    )
                 sumsq += float(stored.double().pow(2).sum())
                 data = stored.view(torch.int16).numpy().tobytes()
                 digest.update(data)
@@ -496,18 +573,37 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
     seconds = time.perf_counter() - t0
     mean_sq = sum(v["sumsq"] for v in done.values()) / plan["n_rows"]
     sep = separator_id(tokenizer)
-    meta = {"model": cfg.model, "model_class": type(model).__name__, "n_blocks": len(decoder_blocks(model)),
-            "layer": cfg.layer, "d_model": d_model, "corpus": describe(cfg.corpus),
-            "separator": {"id": sep, "token": tokenizer.convert_ids_to_tokens(sep)},
-            "special_ids": special, "excluded_positions": int(keep.size - plan["n_rows"]),
-            "mean_squared_norm": mean_sq, "device": str(dev),
-            "extraction": {"shards_this_run": todo, "tokens_this_run": extracted, "seconds": seconds,
-                           "tokens_per_s": extracted / seconds if seconds > 0 else None}}
+    meta = {
+        "model": cfg.model,
+        "model_class": type(model).__name__,
+        "n_blocks": len(decoder_blocks(model)),
+        "layer": cfg.layer,
+        "d_model": d_model,
+        "corpus": describe(cfg.corpus),
+        "separator": {"id": sep, "token": tokenizer.convert_ids_to_tokens(sep)},
+        "special_ids": special,
+        "excluded_positions": int(keep.size - plan["n_rows"]),
+        "mean_squared_norm": mean_sq,
+        "device": str(dev),
+        "extraction": {
+            "shards_this_run": todo,
+            "tokens_this_run": extracted,
+            "seconds": seconds,
+            "tokens_per_s": extracted / seconds if seconds > 0 else None,
+        },
+    }
     if cfg.model == PACKAGED:
         meta["model_note"] = "SmolLM2-135M-Instruct, 4-bit GGUF (Q4_1) dequantised to float32"
-    manifest = _seal({"format": _FORMAT, "config": jsonable(cfg), "plan": plan, "done": done,
-                      "scale": float(mean_sq ** -0.5), "meta": meta})
+    manifest = _seal(
+        {
+            "format": _FORMAT,
+            "config": jsonable(cfg),
+            "plan": plan,
+            "done": done,
+            "scale": float(mean_sq**-0.5),
+            "meta": meta,
+        }
+    )
     write_text(path / _MANIFEST, json.dumps(manifest, indent=1))
     (path / _PROGRESS).unlink(missing_ok=True)
     return manifest
-

@@ -43,8 +43,9 @@ def capacity_exponent(counts: np.ndarray, p: np.ndarray) -> float:
     counts = np.asarray(counts, dtype=float).reshape(-1, len(p)).sum(0)
     log_p = np.log(np.asarray(p, dtype=float))
     if (counts < 0).any() or counts.sum() == 0:
-        raise ValueError("capacity_exponent needs non-negative latent counts per group with at least one latent, "
-                         f"got {counts}")
+        raise ValueError(
+            f"capacity_exponent needs non-negative latent counts per group with at least one latent, got {counts}"
+        )
     if np.ptp(log_p) == 0:
         raise ValueError("capacity_exponent needs groups of different probabilities")
     target = float(counts @ log_p / counts.sum())
@@ -60,8 +61,9 @@ def capacity_exponent(counts: np.ndarray, p: np.ndarray) -> float:
     return float(brentq(lambda a: _mean_log_p(a, log_p) - target, low, high, xtol=1e-10))
 
 
-def capacity_exponent_interval(groups: np.ndarray, p: np.ndarray, n_rep: int = 1000, level: float = 0.95,
-                               seed: int = 0) -> tuple[float, float]:
+def capacity_exponent_interval(
+    groups: np.ndarray, p: np.ndarray, n_rep: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Bootstrap interval of ``capacity_exponent`` from each latent's group ``groups`` [seeds, latents]
     (integers in 0..len(p)-1): seeds resampled with replacement, then latents within each drawn seed."""
     groups = np.asarray(groups)

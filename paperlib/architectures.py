@@ -291,8 +291,9 @@ class JumpReLU(Architecture):
     @staticmethod
     def extra_parameters(bank):
         cfg = bank.cfg
-        return {"log_threshold": torch.full((cfg.n_seeds, cfg.n_latents),
-                                            float(torch.tensor(cfg.init_threshold).log()))}
+        return {
+            "log_threshold": torch.full((cfg.n_seeds, cfg.n_latents), float(torch.tensor(cfg.init_threshold).log()))
+        }
 
     @staticmethod
     def encode(bank, x, pre, training):

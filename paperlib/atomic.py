@@ -95,8 +95,9 @@ def temporaries(root: str | os.PathLike, max_age_s: float = 0.0, recursive: bool
     return sorted(found)
 
 
-def remove_stale_temporaries(root: str | os.PathLike, max_age_s: float = STALE_AFTER_S,
-                             recursive: bool = True) -> list[Path]:
+def remove_stale_temporaries(
+    root: str | os.PathLike, max_age_s: float = STALE_AFTER_S, recursive: bool = True
+) -> list[Path]:
     """Delete the temporaries under ``root`` older than ``max_age_s`` (see the module docstring);
     returns what was removed. Failures (permissions, a concurrent cleaner) are skipped."""
     removed = []

@@ -72,11 +72,20 @@ def check_conversations(conversations: Sequence[Conversation], max_tokens: int) 
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     for i, conv in enumerate(conversations):
-        if (not isinstance(conv, list) or not conv or any(
-                not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                or not isinstance(m.get("content"), str) for m in conv)):
-            raise ValueError(f"conversation {i} must be a non-empty list of {{'role': system|user|assistant, "
-                             f"'content': str}} messages, got {str(conv)[:200]}")
+        if (
+            not isinstance(conv, list)
+            or not conv
+            or any(
+                not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)
+                for m in conv
+            )
+        ):
+            raise ValueError(
+                f"conversation {i} must be a non-empty list of {{'role': system|user|assistant, "
+                f"'content': str}} messages, got {str(conv)[:200]}"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,8 +121,10 @@ class ChatEndpoint:
         self.config = config
         base = (config.base_url or os.environ.get("OPENAI_BASE_URL", "")).strip().rstrip("/")
         if not base.startswith(("http://", "https://")):
-            raise ValueError(f"chat endpoint base URL must start with http:// or https:// (e.g. "
-                             f"'http://127.0.0.1:8000/v1'), got {base!r}; set base_url or OPENAI_BASE_URL")
+            raise ValueError(
+                f"chat endpoint base URL must start with http:// or https:// (e.g. "
+                f"'http://127.0.0.1:8000/v1'), got {base!r}; set base_url or OPENAI_BASE_URL"
+            )
         self.model = (config.model or os.environ.get("OPENAI_MODEL", "")).strip()
         if not self.model:
             raise ValueError(f"no model named for the chat endpoint {base}; set model or OPENAI_MODEL")
@@ -140,14 +151,24 @@ class ChatEndpoint:
             list(pool.map(one, range(len(conversations))))
         failed = [i for i, e in enumerate(errors) if e is not None]
         if failed:
-            raise PartialFailure(f"{len(failed)} of {len(conversations)} requests to {self.url} failed; first: "
-                                 f"{errors[failed[0]]}", results, errors)
+            raise PartialFailure(
+                f"{len(failed)} of {len(conversations)} requests to {self.url} failed; first: {errors[failed[0]]}",
+                results,
+                errors,
+            )
         return [r for r in results if r is not None]
 
     def complete(self, conversation: Conversation, max_tokens: int) -> str:
         """One reply, retrying transient failures (see the module docstring)."""
-        body = json.dumps({"model": self.model, "messages": conversation, "max_tokens": max_tokens,
-                           "temperature": self.config.temperature, "stream": False}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": conversation,
+                "max_tokens": max_tokens,
+                "temperature": self.config.temperature,
+                "stream": False,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -161,24 +182,33 @@ class ChatEndpoint:
             except urllib.error.HTTPError as exc:
                 detail = _snippet(exc.read() if exc.fp else b"")
                 if exc.code != 429 and exc.code < 500:
-                    raise EndpointError(f"{self.url} refused the request: HTTP {exc.code} {exc.reason} {detail}"
-                                        f"; check the URL, the model name {self.model!r} and the key in "
-                                        f"${cfg.api_key_env}") from None
+                    raise EndpointError(
+                        f"{self.url} refused the request: HTTP {exc.code} {exc.reason} {detail}"
+                        f"; check the URL, the model name {self.model!r} and the key in "
+                        f"${cfg.api_key_env}"
+                    ) from None
                 problem = f"HTTP {exc.code} {exc.reason} {detail}".strip()
                 wait = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
                 if wait is not None and wait > cfg.max_backoff:
-                    raise EndpointError(f"{self.url} is rate-limiting (HTTP {exc.code}) and asks to wait {wait:.0f} s, "
-                                        f"more than max_backoff={cfg.max_backoff:g} s; rerun later (finished work "
-                                        "is cached) or raise max_backoff") from None
+                    raise EndpointError(
+                        f"{self.url} is rate-limiting (HTTP {exc.code}) and asks to wait {wait:.0f} s, "
+                        f"more than max_backoff={cfg.max_backoff:g} s; rerun later (finished work "
+                        "is cached) or raise max_backoff"
+                    ) from None
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 timed_out = isinstance(reason, (TimeoutError, socket.timeout))
-                problem = (f"no reply within timeout={cfg.timeout:g} s" if timed_out
-                           else f"cannot connect ({type(reason).__name__}: {reason})")
+                problem = (
+                    f"no reply within timeout={cfg.timeout:g} s"
+                    if timed_out
+                    else f"cannot connect ({type(reason).__name__}: {reason})"
+                )
             if attempt == cfg.max_retries:
-                raise EndpointError(f"{self.url} failed after {cfg.max_retries + 1} attempts: {problem}; check that "
-                                    "the server is running and reachable, or raise timeout / max_retries")
-            delay = min(cfg.backoff * 2 ** attempt, cfg.max_backoff)
+                raise EndpointError(
+                    f"{self.url} failed after {cfg.max_retries + 1} attempts: {problem}; check that "
+                    "the server is running and reachable, or raise timeout / max_retries"
+                )
+            delay = min(cfg.backoff * 2**attempt, cfg.max_backoff)
             time.sleep(wait if wait is not None else delay * (1 + 0.1 * random.random()))
         raise AssertionError("unreachable")
 
@@ -187,11 +217,14 @@ class ChatEndpoint:
             reply = json.loads(raw)
             content = reply["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise MalformedReply(f"{self.url} sent a reply that is not a chat completion with "
-                                 f"choices[0].message.content: {_snippet(raw)}") from None
+            raise MalformedReply(
+                f"{self.url} sent a reply that is not a chat completion with "
+                f"choices[0].message.content: {_snippet(raw)}"
+            ) from None
         if not isinstance(content, str) or not content.strip():
-            raise MalformedReply(f"{self.url} sent an empty reply (content={content!r}); the model may have "
-                                 "refused or run out of tokens")
+            raise MalformedReply(
+                f"{self.url} sent an empty reply (content={content!r}); the model may have refused or run out of tokens"
+            )
         return content
 
 
@@ -221,8 +254,15 @@ class LocalChat:
     ``temperature`` 0 is greedy decoding; above 0 samples with ``torch`` seeded by ``seed`` per
     batch. The model loads on first use (``paperlib.llm.load_model``: shared in-process)."""
 
-    def __init__(self, model: str = "smollm2", batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
-                 store=None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "smollm2",
+        batch_size: int = 8,
+        temperature: float = 0.0,
+        seed: int = 0,
+        store=None,
+        device: str | None = None,
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"LocalChat batch_size must be a positive integer, got {batch_size!r}")
         if not 0 <= temperature <= 2:
@@ -255,24 +295,34 @@ class LocalChat:
         limit = getattr(model.config, "max_position_embeddings", None)
         for i, seq in enumerate(ids):
             if limit and len(seq) + max_tokens > limit:
-                raise ValueError(f"conversation {i} has {len(seq)} prompt tokens; with max_tokens={max_tokens} it "
-                                 f"exceeds the model's {limit}-token context; use fewer or shorter examples")
+                raise ValueError(
+                    f"conversation {i} has {len(seq)} prompt tokens; with max_tokens={max_tokens} it "
+                    f"exceeds the model's {limit}-token context; use fewer or shorter examples"
+                )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         replies: list[str] = [""] * len(ids)
         dev = next(model.parameters()).device
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             width = max(len(ids[i]) for i in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=dev)
             mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=dev)
-            sampling = ({"do_sample": False} if self.temperature == 0
-                        else {"do_sample": True, "temperature": self.temperature})
+            sampling = (
+                {"do_sample": False} if self.temperature == 0 else {"do_sample": True, "temperature": self.temperature}
+            )
             if self.temperature:
                 torch.manual_seed(self.seed + start)
             with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                     pad_token_id=pad, top_p=None, top_k=None, **sampling)
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_tokens,
+                    pad_token_id=pad,
+                    top_p=None,
+                    top_k=None,
+                    **sampling,
+                )
             for row, i in enumerate(batch):
                 replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
         return replies

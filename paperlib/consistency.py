@@ -142,8 +142,9 @@ def _match_with_zero_rows(a: np.ndarray, b: np.ndarray, signed: bool, device: st
         else:  # each live t row may stay unmatched, as long as the live s rows left over fit on zero rows of t
             stand_ins, rows_are_s = min(q, q + zero_t.size - p), False
         own, other = (s[live_s], t[live_t]) if rows_are_s else (t[live_t], s[live_s])
-        result = sparse_match(*_with_stand_ins(own, other, stand_ins), signed=signed, device=device,
-                              dense_limit=DENSE_LIMIT)
+        result = sparse_match(
+            *_with_stand_ins(own, other, stand_ins), signed=signed, device=device, dense_limit=DENSE_LIMIT
+        )
         real = result.cols < len(other)
         r, c, certified = result.rows[real], result.cols[real], result.certified
         pairs_s, pairs_t = (live_s[r], live_t[c]) if rows_are_s else (live_s[c], live_t[r])
@@ -167,8 +168,10 @@ def _with_stand_ins(own: np.ndarray, other: np.ndarray, k: int) -> tuple[np.ndar
     if not k:
         return own, other
     d = own.shape[1]
-    return (np.hstack([own, np.zeros((len(own), 1))]),
-            np.vstack([np.hstack([other, np.zeros((len(other), 1))]), np.tile(np.eye(1, d + 1, d), (k, 1))]))
+    return (
+        np.hstack([own, np.zeros((len(own), 1))]),
+        np.vstack([np.hstack([other, np.zeros((len(other), 1))]), np.tile(np.eye(1, d + 1, d), (k, 1))]),
+    )
 
 
 def mcc(A, B, signed: bool = True) -> float:
@@ -240,8 +243,10 @@ def run_interval(result: PairwiseMCC, level: float = 0.95) -> tuple[float, float
 
     R = max(max(i, j) for i, j, _ in result.pairs) + 1 if result.pairs else 0
     if R < 3 or len(result.pairs) != R * (R - 1) // 2 or not 0 < level < 1:
-        raise ValueError(f"run_interval needs every pair of at least 3 runs and 0 < level < 1 "
-                         f"(got {len(result.pairs)} pairs, level {level})")
+        raise ValueError(
+            f"run_interval needs every pair of at least 3 runs and 0 < level < 1 "
+            f"(got {len(result.pairs)} pairs, level {level})"
+        )
     values = np.array([v for _, _, v in result.pairs])
     left_out = np.array([values[[r not in (i, j) for i, j, _ in result.pairs]].mean() for r in range(R)])
     se = np.sqrt((R - 1) / R * ((left_out - left_out.mean()) ** 2).sum())
@@ -322,11 +327,14 @@ def chance_mcc(
     if min(n_a, n_b, d, n_samples) < 1:
         raise ValueError(f"chance_mcc needs positive sizes, got n_a={n_a}, n_b={n_b}, d={d}, n_samples={n_samples}")
     rng = np.random.default_rng(seed)
-    results = [match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device)
-               for _ in range(n_samples)]
+    results = [
+        match(rng.standard_normal((n_a, d)), rng.standard_normal((n_b, d)), signed, device=device)
+        for _ in range(n_samples)
+    ]
     values = np.array([r.mcc for r in results])
-    return Chance(float(values.mean()), float(values.std()), n_samples, signed,
-                  np.concatenate([r.similarity for r in results]))
+    return Chance(
+        float(values.mean()), float(values.std()), n_samples, signed, np.concatenate([r.similarity for r in results])
+    )
 
 
 @dataclass(frozen=True)
@@ -362,7 +370,7 @@ def chance_pw_mcc(
     means = np.array([c.mean for c in by.values()])
     stds = np.array([c.std for c in by.values()])
     mean = float(weight @ means)
-    std = float(np.sqrt(weight @ (stds ** 2 + (means - mean) ** 2))) if len(by) > 1 else float(stds[0])
+    std = float(np.sqrt(weight @ (stds**2 + (means - mean) ** 2))) if len(by) > 1 else float(stds[0])
     return PairwiseChance(mean, std, n_samples, signed, by, pairs)
 
 

@@ -65,17 +65,32 @@ def compare(paths: Sequence[str], **options) -> dict:
     """Compare the SAE runs saved at ``paths`` (at least two); ``options`` as for ``document``."""
     paths = [str(p) for p in paths]
     if len(paths) < 2:
-        raise ValueError(f"consistency needs at least two runs to compare, got {len(paths)} "
-                         f"({', '.join(map(repr, paths))}); pass the SAEs of two or more seeds")
+        raise ValueError(
+            f"consistency needs at least two runs to compare, got {len(paths)} "
+            f"({', '.join(map(repr, paths))}); pass the SAEs of two or more seeds"
+        )
     decoders = read_runs(paths)
-    return document([d.W_dec for d in decoders], paths, layouts=[d.layout for d in decoders],
-                    weight_files=[d.path for d in decoders], **options)
+    return document(
+        [d.W_dec for d in decoders],
+        paths,
+        layouts=[d.layout for d in decoders],
+        weight_files=[d.path for d in decoders],
+        **options,
+    )
 
 
-def document(dictionaries: Sequence, names: Sequence[str], *, layouts: Sequence[str] | None = None,
-             weight_files: Sequence[str | Path] | None = None, signed: bool = True, drop_dead: bool = False,
-             device: str = "cpu", chance_samples: int = 3,
-             thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
+def document(
+    dictionaries: Sequence,
+    names: Sequence[str],
+    *,
+    layouts: Sequence[str] | None = None,
+    weight_files: Sequence[str | Path] | None = None,
+    signed: bool = True,
+    drop_dead: bool = False,
+    device: str = "cpu",
+    chance_samples: int = 3,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> dict:
     """The document (module docstring) for decoders ``dictionaries`` ([n_latents, d_model] each) named
     ``names``. Runs read from files give their ``layouts`` and ``weight_files`` (hashed); in-memory
     runs (e.g. the seeds of a bank) are layout "paperlib" and their decoder rows, as float32, are
@@ -99,8 +114,9 @@ def document(dictionaries: Sequence, names: Sequence[str], *, layouts: Sequence[
     if drop_dead:
         for run, mask in zip(names, live):
             if not mask.any():
-                raise ValueError(f"run {run!r} has only zero-norm decoder rows; "
-                                 "nothing is left when dead latents are dropped")
+                raise ValueError(
+                    f"run {run!r} has only zero-norm decoder rows; nothing is left when dead latents are dropped"
+                )
     alive = live if drop_dead else None
     try:
         result = pw_mcc(W, signed, device=device, alive=alive)
@@ -115,26 +131,54 @@ def document(dictionaries: Sequence, names: Sequence[str], *, layouts: Sequence[
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "software": {"paperlib": paperlib.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "scipy": scipy.__version__, "python": platform.python_version()},
+        "software": {
+            "paperlib": paperlib.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "python": platform.python_version(),
+        },
         "cosine": "signed" if signed else "absolute",
         "drop_dead": bool(drop_dead),
         "d_model": int(W[0].shape[1]),
-        "runs": [{"path": name, "layout": layout, "weights": f,
-                  "sha256": sha256(f) if f is not None else hashlib.sha256(w.astype("<f4").tobytes()).hexdigest(),
-                  "sha256_of": "weights" if f is not None else "decoder",
-                  "n_latents": len(w), "zero_rows": int((~m).sum())}
-                 for name, layout, f, w, m in zip(names, layouts or ["paperlib"] * len(W), files, W, live)],
+        "runs": [
+            {
+                "path": name,
+                "layout": layout,
+                "weights": f,
+                "sha256": sha256(f) if f is not None else hashlib.sha256(w.astype("<f4").tobytes()).hexdigest(),
+                "sha256_of": "weights" if f is not None else "decoder",
+                "n_latents": len(w),
+                "zero_rows": int((~m).sum()),
+            }
+            for name, layout, f, w, m in zip(names, layouts or ["paperlib"] * len(W), files, W, live)
+        ],
         "pw_mcc": result.mean,
         "pw_mcc_std": result.std,
         "certified": all(m.certified for m in result.matches),
-        "pairs": [{"a": i, "b": j, "mcc": float(v), "certified": bool(m.certified), "solver": m.solver,
-                   "rows": m.rows.tolist(), "cols": m.cols.tolist(), "cosine": m.similarity.tolist()}
-                  for (i, j, v), m in zip(result.pairs, result.matches)],
-        "chance": None if chance is None else {
-            "mean": chance.mean, "std": chance.std, "samples": chance.n_samples,
-            "by_widths": [{"n_a": a, "n_b": b, "pairs": chance.pairs[(a, b)], "mean": c.mean, "std": c.std}
-                          for (a, b), c in chance.by_widths.items()],
+        "pairs": [
+            {
+                "a": i,
+                "b": j,
+                "mcc": float(v),
+                "certified": bool(m.certified),
+                "solver": m.solver,
+                "rows": m.rows.tolist(),
+                "cols": m.cols.tolist(),
+                "cosine": m.similarity.tolist(),
+            }
+            for (i, j, v), m in zip(result.pairs, result.matches)
+        ],
+        "chance": None
+        if chance is None
+        else {
+            "mean": chance.mean,
+            "std": chance.std,
+            "samples": chance.n_samples,
+            "by_widths": [
+                {"n_a": a, "n_b": b, "pairs": chance.pairs[(a, b)], "mean": c.mean, "std": c.std}
+                for (a, b), c in chance.by_widths.items()
+            ],
         },
         "stability": {
             "thresholds": thresholds,
@@ -169,8 +213,10 @@ def validate(document: object, source: str = "document") -> dict:
     except FileNotFoundError:
         spec = None
     if spec is None:
-        raise ValueError(f"{source}: unknown schema_version {version!r}; this paperlib reads version {SCHEMA_VERSION} "
-                         "(a newer paperlib may read it)")
+        raise ValueError(
+            f"{source}: unknown schema_version {version!r}; this paperlib reads version {SCHEMA_VERSION} "
+            "(a newer paperlib may read it)"
+        )
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(spec).iter_errors(document))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"

@@ -62,8 +62,9 @@ class TopContexts:
         """Fraction of rows on which each latent fires [S, L]."""
         return self.n_fired.double() / max(self.n_rows, 1)
 
-    def examples(self, contexts: TokenContexts, seed: int = 0, window: int = 12,
-                 mark: tuple[str, str] = ("«", "»")) -> list[LatentExamples]:
+    def examples(
+        self, contexts: TokenContexts, seed: int = 0, window: int = 12, mark: tuple[str, str] = ("«", "»")
+    ) -> list[LatentExamples]:
         """Readable examples of every latent of seed index ``seed`` (position in the S axis)."""
         if not 0 <= seed < self.latents.shape[0]:
             raise IndexError(f"seed index {seed} is out of range for {self.latents.shape[0]} seeds")
@@ -71,12 +72,21 @@ class TopContexts:
 
         def pack(values: Tensor, rows: Tensor) -> tuple[Example, ...]:
             seen: set[int] = set()  # a latent firing on fewer rows than samples repeats rows: show each once
-            return tuple(Example(contexts.text(r, window, mark), contexts.token(r), float(v), r)
-                         for v, r in zip(values.tolist(), rows.tolist()) if r >= 0 and not (r in seen or seen.add(r)))
+            return tuple(
+                Example(contexts.text(r, window, mark), contexts.token(r), float(v), r)
+                for v, r in zip(values.tolist(), rows.tolist())
+                if r >= 0 and not (r in seen or seen.add(r))
+            )
 
-        return [LatentExamples(int(latent), pack(self.values[seed, i], self.rows[seed, i]),
-                               pack(self.quantile_values[seed, i], self.quantile_rows[seed, i]), float(freq[i]))
-                for i, latent in enumerate(self.latents[seed].tolist())]
+        return [
+            LatentExamples(
+                int(latent),
+                pack(self.values[seed, i], self.rows[seed, i]),
+                pack(self.quantile_values[seed, i], self.quantile_rows[seed, i]),
+                float(freq[i]),
+            )
+            for i, latent in enumerate(self.latents[seed].tolist())
+        ]
 
 
 @dataclass(frozen=True)
@@ -130,11 +140,14 @@ class TokenContexts:
         for name in ("row_context", "row_position"):
             value = getattr(self, name)
             if not isinstance(value, Tensor) or value.ndim != 1 or value.shape != self.row_context.shape:
-                raise ValueError(f"{name} must be a 1-D tensor with one entry per row like row_context, "
-                                 f"got {_shape(value)}")
-        if len(self.row_context) and (int(self.row_context.max()) >= self.tokens.shape[0]
-                                      or int(self.row_position.max()) >= self.tokens.shape[1]
-                                      or min(int(self.row_context.min()), int(self.row_position.min())) < 0):
+                raise ValueError(
+                    f"{name} must be a 1-D tensor with one entry per row like row_context, got {_shape(value)}"
+                )
+        if len(self.row_context) and (
+            int(self.row_context.max()) >= self.tokens.shape[0]
+            or int(self.row_position.max()) >= self.tokens.shape[1]
+            or min(int(self.row_context.min()), int(self.row_position.min())) < 0
+        ):
             raise ValueError(f"row_context / row_position point outside tokens {tuple(self.tokens.shape)}")
 
     @classmethod
@@ -156,14 +169,20 @@ class TokenContexts:
         if window < 0 or len(mark) != 2:
             raise ValueError(f"need window >= 0 and mark = (opening, closing), got {window!r}, {mark!r}")
         ids, pos = self._locate(row)
-        token = self.decode(ids[pos:pos + 1])
+        token = self.decode(ids[pos : pos + 1])
         lead = len(token) - len(token.lstrip())  # " Paris" is shown as " «Paris»"
-        return (self.decode(ids[max(0, pos - window):pos]) + token[:lead] + mark[0] + token[lead:] + mark[1]
-                + self.decode(ids[pos + 1:pos + 1 + window]))
+        return (
+            self.decode(ids[max(0, pos - window) : pos])
+            + token[:lead]
+            + mark[0]
+            + token[lead:]
+            + mark[1]
+            + self.decode(ids[pos + 1 : pos + 1 + window])
+        )
 
     def token(self, row: int) -> str:
         ids, pos = self._locate(row)
-        return self.decode(ids[pos:pos + 1])
+        return self.decode(ids[pos : pos + 1])
 
 
 def _shape(value: Any) -> str:
@@ -182,17 +201,27 @@ def _keys(rows: Tensor, latents: Tensor, seed: int) -> Tensor:
 def _latent_index(latents: Any, n_seeds: int | None) -> Tensor:
     index = torch.as_tensor(latents)
     if index.dtype.is_floating_point or index.dtype == torch.bool or index.ndim not in (1, 2) or index.numel() == 0:
-        raise ValueError(f"latents must be integer indices [L] (every seed) or [S, L] (one list per seed), "
-                         f"got {_shape(index)} of {index.dtype}")
+        raise ValueError(
+            f"latents must be integer indices [L] (every seed) or [S, L] (one list per seed), "
+            f"got {_shape(index)} of {index.dtype}"
+        )
     index = index.long()
     if index.ndim == 2 and n_seeds is not None and index.shape[0] != n_seeds:
         raise ValueError(f"latents has {index.shape[0]} rows but the codes have {n_seeds} seeds; give [L] or [S, L]")
     return index
 
 
-def top_contexts(codes: Codes, x: Tensor | None, latents: Sequence[int] | Tensor, n_top: int = 10,
-                 n_quantile: int = 5, chunk_rows: int = 1024, reservoir: int = 200, seed: int = 0,
-                 progress: bool = False) -> TopContexts:
+def top_contexts(
+    codes: Codes,
+    x: Tensor | None,
+    latents: Sequence[int] | Tensor,
+    n_top: int = 10,
+    n_quantile: int = 5,
+    chunk_rows: int = 1024,
+    reservoir: int = 200,
+    seed: int = 0,
+    progress: bool = False,
+) -> TopContexts:
     """Top-activating rows and quantile samples of ``latents`` (see the module docstring).
 
     ``codes``: a function from a chunk of rows (float32 [B, d]) to codes [B, n_latents] or
@@ -200,16 +229,21 @@ def top_contexts(codes: Codes, x: Tensor | None, latents: Sequence[int] | Tensor
     firing entries come back to the CPU), or precomputed codes of all
     rows [n_rows, n] / [S, n_rows, n] (then ``x`` may be None). ``latents``: [L] for every seed or
     [S, L]. ``reservoir``: the size of the random sample the quantile rows are drawn from."""
-    for name, value, low in (("n_top", n_top, 1), ("n_quantile", n_quantile, 0), ("chunk_rows", chunk_rows, 1),
-                             ("reservoir", reservoir, 1)):
+    for name, value, low in (
+        ("n_top", n_top, 1),
+        ("n_quantile", n_quantile, 0),
+        ("chunk_rows", chunk_rows, 1),
+        ("reservoir", reservoir, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"top_contexts: {name} must be an integer >= {low}, got {value!r}")
     if reservoir < n_quantile:
         raise ValueError(f"top_contexts: reservoir={reservoir} must be >= n_quantile={n_quantile}")
     if isinstance(codes, Tensor):
         if codes.ndim not in (2, 3):
-            raise ValueError("precomputed codes must be [n_rows, n_latents] or [S, n_rows, n_latents], "
-                             f"got {_shape(codes)}")
+            raise ValueError(
+                f"precomputed codes must be [n_rows, n_latents] or [S, n_rows, n_latents], got {_shape(codes)}"
+            )
         n_rows = codes.shape[-2]
         stored = codes if codes.ndim == 3 else codes[None]
 
@@ -217,20 +251,24 @@ def top_contexts(codes: Codes, x: Tensor | None, latents: Sequence[int] | Tensor
             return stored[:, a:b]
     elif callable(codes):
         if not isinstance(x, Tensor) or x.ndim != 2:
-            raise ValueError("x must be the activation rows [n_rows, d_model] when codes is a function, "
-                             f"got {_shape(x)}")
+            raise ValueError(
+                f"x must be the activation rows [n_rows, d_model] when codes is a function, got {_shape(x)}"
+            )
         n_rows = x.shape[0]
 
         def encode(a: int, b: int) -> Tensor:
             with torch.no_grad():
                 out = codes(x[a:b].float())
             if not isinstance(out, Tensor) or out.ndim not in (2, 3) or out.shape[-2] != b - a:
-                raise ValueError(f"the codes function must return [B, n_latents] or [S, B, n_latents] for a chunk "
-                                 f"of B={b - a} rows, got {_shape(out)}")
+                raise ValueError(
+                    f"the codes function must return [B, n_latents] or [S, B, n_latents] for a chunk "
+                    f"of B={b - a} rows, got {_shape(out)}"
+                )
             return out if out.ndim == 3 else out[None]
     else:
-        raise ValueError("codes must be a function of a chunk of rows or a tensor of codes, "
-                         f"got {type(codes).__name__}")
+        raise ValueError(
+            f"codes must be a function of a chunk of rows or a tensor of codes, got {type(codes).__name__}"
+        )
     if n_rows < 1:
         raise ValueError("top_contexts needs at least one activation row")
 
@@ -239,22 +277,27 @@ def top_contexts(codes: Codes, x: Tensor | None, latents: Sequence[int] | Tensor
     chunks = range(0, n_rows, chunk_rows)
     if progress:
         from tqdm.auto import tqdm
+
         chunks = tqdm(chunks, desc="top contexts", unit="chunk")
     for start in chunks:
         stop = min(start + chunk_rows, n_rows)
         c = encode(start, stop)
         if acc is None:
             if index.ndim == 2 and index.shape[0] != c.shape[0]:
-                raise ValueError(f"latents has {index.shape[0]} rows but the codes have {c.shape[0]} seeds; "
-                                 "give [L] or [S, L]")
+                raise ValueError(
+                    f"latents has {index.shape[0]} rows but the codes have {c.shape[0]} seeds; give [L] or [S, L]"
+                )
             index = index.expand(c.shape[0], -1) if index.ndim == 1 else index
             if int(index.min()) < 0 or int(index.max()) >= c.shape[-1]:
-                raise ValueError(f"latents must lie in 0..{c.shape[-1] - 1} (the SAE has {c.shape[-1]} latents), "
-                                 f"got {int(index.min())}..{int(index.max())}")
+                raise ValueError(
+                    f"latents must lie in 0..{c.shape[-1] - 1} (the SAE has {c.shape[-1]} latents), "
+                    f"got {int(index.min())}..{int(index.max())}"
+                )
             acc = _Accumulator(index, c.shape[-1], n_top, reservoir, seed)
         elif c.shape[0] != index.shape[0]:
-            raise ValueError(f"the codes function returned {c.shape[0]} seeds for rows {start}:{stop}, "
-                             f"{index.shape[0]} before")
+            raise ValueError(
+                f"the codes function returned {c.shape[0]} seeds for rows {start}:{stop}, {index.shape[0]} before"
+            )
         acc.add(c, start)
     assert acc is not None
     return acc.result(n_quantile, n_rows)
@@ -310,8 +353,15 @@ class _Accumulator:
         rows = torch.where(fired, self.rows, torch.tensor(-1))
         q_values, q_rows = _quantile_samples(self.res_values, self.res_rows, self.keys >= 0, n_quantile)
         shape = lambda t: t.reshape(S, L, -1)  # noqa: E731
-        return TopContexts(shape(values), shape(rows), shape(q_values), shape(q_rows),
-                           self.n_fired.reshape(S, L), self.index.clone(), n_rows)
+        return TopContexts(
+            shape(values),
+            shape(rows),
+            shape(q_values),
+            shape(q_rows),
+            self.n_fired.reshape(S, L),
+            self.index.clone(),
+            n_rows,
+        )
 
 
 def _quantile_samples(values: Tensor, rows: Tensor, valid: Tensor, n: int) -> tuple[Tensor, Tensor]:

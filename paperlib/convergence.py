@@ -64,15 +64,24 @@ class Convergence:
         return (change is None or abs(change) < self.pw_mcc_tolerance) and abs(self.fvu_change) < self.fvu_tolerance
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "pw_mcc_change": self.pw_mcc_change, "fvu_change": self.fvu_change,
-                "converged": self.converged}
+        return {
+            **asdict(self),
+            "pw_mcc_change": self.pw_mcc_change,
+            "fvu_change": self.fvu_change,
+            "converged": self.converged,
+        }
 
     def __str__(self) -> str:
         verdict = "converged" if self.converged else "NOT converged"
-        pw = ("PW-MCC n/a (one seed)" if self.pw_mcc is None else
-              f"PW-MCC {self.pw_mcc[0]:.3f} -> {self.pw_mcc[1]:.3f} ({self.pw_mcc_change:+.3f})")
-        return (f"{verdict}: {self.tokens[0]:,} -> {self.tokens[1]:,} tokens, {pw}, FVU {self.fvu[0]:.4f} -> "
-                f"{self.fvu[1]:.4f} ({100 * self.fvu_change:+.2f} %)")
+        pw = (
+            "PW-MCC n/a (one seed)"
+            if self.pw_mcc is None
+            else f"PW-MCC {self.pw_mcc[0]:.3f} -> {self.pw_mcc[1]:.3f} ({self.pw_mcc_change:+.3f})"
+        )
+        return (
+            f"{verdict}: {self.tokens[0]:,} -> {self.tokens[1]:,} tokens, {pw}, FVU {self.fvu[0]:.4f} -> "
+            f"{self.fvu[1]:.4f} ({100 * self.fvu_change:+.2f} %)"
+        )
 
 
 def _logged_index(steps: np.ndarray, step: int) -> int | None:
@@ -92,9 +101,11 @@ def last_doubling(run: TrainedRun, schedule: TrainConfig) -> Convergence:
     if seeds > 1:
         missing += [f"decoder snapshot at step {step}" for step in (half, full) if step not in run.checkpoints]
     if half < 1 or missing:
-        raise ValueError(f"run {run.key} has no {', '.join(missing) or 'half-way step'}; train it with a schedule "
-                         "that logs metrics (and snapshots decoders) at half and all of its steps "
-                         "(zoo_runs.llm_schedule)")
+        raise ValueError(
+            f"run {run.key} has no {', '.join(missing) or 'half-way step'}; train it with a schedule "
+            "that logs metrics (and snapshots decoders) at half and all of its steps "
+            "(zoo_runs.llm_schedule)"
+        )
     fvu = [float(np.mean(run.history["fvu"][row])) for row in rows]
     pw = None if seeds == 1 else (pw_mcc(run.checkpoints[half]).mean, pw_mcc(run.checkpoints[full]).mean)
     tokens = [step * (schedule.batch_size or 0) for step in (half, full)]
@@ -110,8 +121,10 @@ def logged_doubling(columns: Mapping[str, Any], rows_per_step: int) -> Convergen
     half = full // 2
     rows = [_logged_index(steps, half), len(steps) - 1]
     if full < 2 or full % 2 or rows[0] is None or "fvu" not in columns:
-        raise ValueError(f"no logged FVU at step {half} (half of the last logged step {full}); log metrics "
-                         "with a log_every that divides steps / 2")
+        raise ValueError(
+            f"no logged FVU at step {half} (half of the last logged step {full}); log metrics "
+            "with a log_every that divides steps / 2"
+        )
     fvu = [float(np.mean(columns["fvu"][row])) for row in rows]
     pw = None
     if "pw_mcc" in columns and np.size(columns["pw_mcc"][rows[1]]):
@@ -122,9 +135,13 @@ def logged_doubling(columns: Mapping[str, Any], rows_per_step: int) -> Convergen
 def family_convergence(families, schedule: TrainConfig) -> dict[str, Convergence]:
     """``last_doubling`` of every member of each ``paperlib.family.Family`` in ``families``, trained
     with ``schedule``, named "architecture/width"."""
-    return {f"{family.config.architecture}/{width}":
-            last_doubling(family.run(width), family.config.schedule_for(width, schedule))
-            for family in families for width in family.widths}
+    return {
+        f"{family.config.architecture}/{width}": last_doubling(
+            family.run(width), family.config.schedule_for(width, schedule)
+        )
+        for family in families
+        for width in family.widths
+    }
 
 
 def report(reports: dict[str, Convergence]) -> dict[str, dict[str, Any]]:
@@ -134,10 +151,14 @@ def report(reports: dict[str, Convergence]) -> dict[str, dict[str, Any]]:
         print(f"{name}: {record}")
     missed = not_converged(reports)
     if missed:
-        warnings.warn(f"{len(missed)} of {len(reports)} SAE configurations have not converged (doubling their "
-                      f"training tokens would change PW-MCC by >= {PW_MCC_TOLERANCE} or FVU by >= "
-                      f"{100 * FVU_TOLERANCE:g} %): {', '.join(missed)}. Their numbers measure under-training; "
-                      "train longer (steps) or read them as such.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(missed)} of {len(reports)} SAE configurations have not converged (doubling their "
+            f"training tokens would change PW-MCC by >= {PW_MCC_TOLERANCE} or FVU by >= "
+            f"{100 * FVU_TOLERANCE:g} %): {', '.join(missed)}. Their numbers measure under-training; "
+            "train longer (steps) or read them as such.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return {name: record.as_dict() for name, record in reports.items()}
 
 
@@ -150,8 +171,9 @@ def decoder_cosine_to_init(run: TrainedRun) -> float:
     """Median over latents and seeds of the cosine between a decoder row and its initial direction:
     near 1 means training barely moved the dictionary."""
     if 0 not in run.checkpoints:
-        raise ValueError(f"run {run.key} has no step-0 decoder snapshot; train it with checkpoint_fractions "
-                         "that include 0")
+        raise ValueError(
+            f"run {run.key} has no step-0 decoder snapshot; train it with checkpoint_fractions that include 0"
+        )
     start, end = run.checkpoints[0].double(), run.bank.decoder_directions().double().cpu()
     cos = torch.nn.functional.cosine_similarity(start, end, dim=-1)
     return float(cos.median())
@@ -172,8 +194,9 @@ class StudyPoint:
     seconds: float = float("nan")  # wall time of training (or loading from the cache) and measuring this budget
 
 
-def doubling_study(train_run, schedule: TrainConfig, token_grid: Sequence[int], x_eval: torch.Tensor
-                   ) -> list[StudyPoint]:
+def doubling_study(
+    train_run, schedule: TrainConfig, token_grid: Sequence[int], x_eval: torch.Tensor
+) -> list[StudyPoint]:
     """Train ``train_run(schedule)`` (a function returning a ``TrainedRun`` for a schedule, e.g. a
     ``zoo_run`` call) once per budget of ``token_grid`` (steps = tokens / batch size, every other
     part of ``schedule`` kept) and measure each on the held-out rows ``x_eval``."""
@@ -188,9 +211,19 @@ def doubling_study(train_run, schedule: TrainConfig, token_grid: Sequence[int], 
         metrics = evaluate(bank, x_eval)
         pw = pw_mcc(bank.decoder_directions())
         dead = (firing_rates(bank, x_eval) == 0).float().mean(-1)
-        points.append(StudyPoint(steps * schedule.batch_size, steps, pw.mean, pw.std, float(metrics["fvu"].mean()),
-                                 float(metrics["l0"].mean()), float(dead.mean()), decoder_cosine_to_init(run),
-                                 time.perf_counter() - start))
+        points.append(
+            StudyPoint(
+                steps * schedule.batch_size,
+                steps,
+                pw.mean,
+                pw.std,
+                float(metrics["fvu"].mean()),
+                float(metrics["l0"].mean()),
+                float(dead.mean()),
+                decoder_cosine_to_init(run),
+                time.perf_counter() - start,
+            )
+        )
     return points
 
 

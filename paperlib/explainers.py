@@ -63,8 +63,10 @@ def _check_active(examples: Sequence[LatentExamples]) -> None:
         raise ValueError("explainers take a list of paperlib.contexts.LatentExamples (TopContexts.examples(...))")
     dead = [e.latent for e in examples if not e.active]
     if dead:
-        raise ValueError(f"latents {dead[:10]}{'…' if len(dead) > 10 else ''} never fired on the rows read, so there "
-                         "is nothing to explain; keep only examples with .active (or read more rows)")
+        raise ValueError(
+            f"latents {dead[:10]}{'…' if len(dead) > 10 else ''} never fired on the rows read, so there "
+            "is nothing to explain; keep only examples with .active (or read more rows)"
+        )
 
 
 class TopTokensExplainer:
@@ -113,18 +115,20 @@ class ExplainPrompt:
             if len(text) <= self.max_chars:
                 return "- " + text
             start = min(max(text.find("«") - self.max_chars // 2, 0), len(text) - self.max_chars)
-            cut = text[start:start + self.max_chars]
+            cut = text[start : start + self.max_chars]
             return "- " + ("…" if start > 0 else "") + cut + ("…" if start + self.max_chars < len(text) else "")
 
         q = ex.quantiles
-        spread = (sorted({round(j * (len(q) - 1) / max(self.n_quantile - 1, 1)) for j in range(self.n_quantile)})
-                  if q else [])
-        shown = list(ex.top[:self.n_top]) + [q[j] for j in spread]  # quantile samples spread weak to strong
-        tokens = list(dict.fromkeys(" ".join(e.token.split()) for e in ex.top[:self.n_top]))
-        user = ("Text snippets where one feature of a language model is active. The token it fires on is "
-                "marked like «this».\n" + "\n".join(line(e.text) for e in shown) + "\n"
-                f"Marked tokens: {', '.join(tokens)}.\n"
-                + INSTRUCTION)
+        spread = (
+            sorted({round(j * (len(q) - 1) / max(self.n_quantile - 1, 1)) for j in range(self.n_quantile)}) if q else []
+        )
+        shown = list(ex.top[: self.n_top]) + [q[j] for j in spread]  # quantile samples spread weak to strong
+        tokens = list(dict.fromkeys(" ".join(e.token.split()) for e in ex.top[: self.n_top]))
+        user = (
+            "Text snippets where one feature of a language model is active. The token it fires on is "
+            "marked like «this».\n" + "\n".join(line(e.text) for e in shown) + "\n"
+            f"Marked tokens: {', '.join(tokens)}.\n" + INSTRUCTION
+        )
         messages = [{"role": "user", "content": user}]
         if self.prefill:
             messages.append({"role": "assistant", "content": self.prefill})
@@ -167,8 +171,9 @@ class LLMExplainer:
         try:
             replies = self.backend.complete_many(conversations, self.max_tokens)
         except PartialFailure as exc:
-            raise PartialFailure(str(exc), [None if r is None else clean_explanation(r) for r in exc.results],
-                                 exc.errors) from exc
+            raise PartialFailure(
+                str(exc), [None if r is None else clean_explanation(r) for r in exc.results], exc.errors
+            ) from exc
         return [clean_explanation(r) for r in replies]
 
 
@@ -183,17 +188,28 @@ LOCAL_PROMPT = ExplainPrompt(n_top=6, n_quantile=1, max_chars=100, prefill="Comm
 class LocalExplainer(LLMExplainer):
     """The offline default: the packaged SmolLM2-135M-Instruct, greedy, in batches (weak; see above)."""
 
-    def __init__(self, model: str = "smollm2", batch_size: int = 8, max_tokens: int = 20,
-                 prompt: ExplainPrompt = LOCAL_PROMPT, store: Store | None = None,
-                 device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "smollm2",
+        batch_size: int = 8,
+        max_tokens: int = 20,
+        prompt: ExplainPrompt = LOCAL_PROMPT,
+        store: Store | None = None,
+        device: str | None = None,
+    ) -> None:
         super().__init__(LocalChat(model, batch_size, store=store, device=device), prompt, max_tokens)
 
 
 class ChatEndpointExplainer(LLMExplainer):
     """Explanations from an OpenAI-compatible endpoint (base URL, model, key: see ``EndpointConfig``)."""
 
-    def __init__(self, config: EndpointConfig = EndpointConfig(), api_key: str | None = None,
-                 prompt: ExplainPrompt = ExplainPrompt(), max_tokens: int = 48) -> None:
+    def __init__(
+        self,
+        config: EndpointConfig = EndpointConfig(),
+        api_key: str | None = None,
+        prompt: ExplainPrompt = ExplainPrompt(),
+        max_tokens: int = 48,
+    ) -> None:
         super().__init__(ChatEndpoint(config, api_key), prompt, max_tokens)
 
 
@@ -222,8 +238,9 @@ class JsonlCache:
             import warnings
 
             # stacklevel 3: the user's call of explain_latents or of a judge (similarity.py), which load the cache
-            warnings.warn(f"{self.path}: {bad} unreadable lines ignored; those entries will be recomputed",
-                          stacklevel=3)
+            warnings.warn(
+                f"{self.path}: {bad} unreadable lines ignored; those entries will be recomputed", stacklevel=3
+            )
         return records
 
     def update(self, records: dict[str, dict], new: Sequence[dict]) -> None:
@@ -235,14 +252,21 @@ class JsonlCache:
 def explanation_cache(explainer: Explainer, run_id: str, store: Store | None = None) -> JsonlCache:
     """The cache file of one (run, explainer, prompt version)."""
     if not isinstance(run_id, str) or not run_id.strip():
-        raise ValueError("run_id must name the SAE run whose latents are explained (e.g. its store key), "
-                         f"got {run_id!r}")
+        raise ValueError(
+            f"run_id must name the SAE run whose latents are explained (e.g. its store key), got {run_id!r}"
+        )
     root = (store or Store()).root / "explanations"
     return JsonlCache(root / _slug(run_id) / f"{_slug(explainer.id)}-{PROMPT_VERSION}.jsonl")
 
 
-def explain_latents(explainer: Explainer, examples: Sequence[LatentExamples], run_id: str,
-                    store: Store | None = None, batch_size: int = 32, progress: bool = False) -> list[str]:
+def explain_latents(
+    explainer: Explainer,
+    examples: Sequence[LatentExamples],
+    run_id: str,
+    store: Store | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[str]:
     """One explanation per example (same order), from the cache where present, else computed in
     batches of ``batch_size`` and saved after each batch (see the module docstring)."""
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -258,13 +282,20 @@ def explain_latents(explainer: Explainer, examples: Sequence[LatentExamples], ru
     batches = range(0, len(todo), batch_size)
     if progress:
         from tqdm.auto import tqdm
+
         batches = tqdm(batches, desc=f"explaining ({explainer.id[:40]})", unit="batch")
     for start in batches:
-        batch = todo[start:start + batch_size]
+        batch = todo[start : start + batch_size]
 
         def record(i: int, text: str) -> dict:
-            return {"key": keys[i], "latent": examples[i].latent, "fingerprint": prints[i], "text": text,
-                    "explainer": explainer.id, "prompt_version": PROMPT_VERSION}
+            return {
+                "key": keys[i],
+                "latent": examples[i].latent,
+                "fingerprint": prints[i],
+                "text": text,
+                "explainer": explainer.id,
+                "prompt_version": PROMPT_VERSION,
+            }
 
         try:
             texts = explainer.explain([examples[i] for i in batch])
@@ -272,8 +303,10 @@ def explain_latents(explainer: Explainer, examples: Sequence[LatentExamples], ru
             done = [record(i, t) for i, t in zip(batch, exc.results) if t is not None]
             cache.update(records, done)
             kept = sum(1 for k, f in zip(keys, prints) if records.get(k, {}).get("fingerprint") == f)
-            raise EndpointError(f"{exc}\n{kept} of {len(examples)} explanations are saved in {cache.path}; "
-                                "run again to resume with the rest") from exc
+            raise EndpointError(
+                f"{exc}\n{kept} of {len(examples)} explanations are saved in {cache.path}; "
+                "run again to resume with the rest"
+            ) from exc
         if len(texts) != len(batch):
             raise RuntimeError(f"explainer {explainer.id} returned {len(texts)} explanations for {len(batch)} latents")
         cache.update(records, [record(i, t) for i, t in zip(batch, texts)])

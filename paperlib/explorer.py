@@ -121,8 +121,14 @@ def _neighbours(items: Any, where: str) -> list[dict]:
     for i, n in enumerate(items or []):
         for key in _NEIGHBOUR_KEYS:
             _need(n, key, (str, int, float), f"{where}[{i}]")
-        out.append({"sae": str(n["sae"]), "latent": int(n["latent"]), "cos": _number(n["cos"], f"{where}[{i}]['cos']"),
-                    "label": str(n["label"])})
+        out.append(
+            {
+                "sae": str(n["sae"]),
+                "latent": int(n["latent"]),
+                "cos": _number(n["cos"], f"{where}[{i}]['cos']"),
+                "label": str(n["label"]),
+            }
+        )
     return out
 
 
@@ -140,15 +146,20 @@ def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping], neig
         if not all(isinstance(c, str) for c in contexts):
             raise ValueError(f"{where}['contexts'] must be a list of strings")
         frequency = _need(item, "frequency", (int, float, type(None)), where)
-        entry = {"id": lid, "label": _need(item, "label", str, where),
-                 "frequency": None if frequency is None else _number(frequency, f"{where}['frequency']"),
-                 "contexts": list(contexts), "tags": [str(t) for t in item.get("tags", [])],
-                 "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']")}
+        entry = {
+            "id": lid,
+            "label": _need(item, "label", str, where),
+            "frequency": None if frequency is None else _number(frequency, f"{where}['frequency']"),
+            "contexts": list(contexts),
+            "tags": [str(t) for t in item.get("tags", [])],
+            "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']"),
+        }
         parts = item.get("parts") or []
         for j, part in enumerate(parts):
             if len(part) != 2 or int(part[0]) not in meta_latents:
-                raise ValueError(f"{where}['parts'][{j}] must be [meta-latent id, weight] with an id of meta_latents, "
-                                 f"got {part!r}")
+                raise ValueError(
+                    f"{where}['parts'][{j}] must be [meta-latent id, weight] with an id of meta_latents, got {part!r}"
+                )
         entry["parts"] = [[int(k), _number(w, f"{where}['parts']")] for k, w in parts]
         if item.get("cosine") is not None:
             entry["cosine"] = _number(item["cosine"], f"{where}['cosine']")
@@ -157,37 +168,52 @@ def _check(latents: Sequence[Mapping], meta_latents: Mapping[int, Mapping], neig
     for k, item in meta_latents.items():
         where = f"meta_latents[{k}]"
         members = [[int(m[0]), _number(m[1], f"{where}['members']"), str(m[2])] for m in item.get("members", [])]
-        metas[str(int(k))] = {"label": _need(item, "label", str, where),
-                              "frequency": _number(_need(item, "frequency", (int, float), where),
-                                                   f"{where}['frequency']"),
-                              "members": members,
-                              "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']")}
+        metas[str(int(k))] = {
+            "label": _need(item, "label", str, where),
+            "frequency": _number(_need(item, "frequency", (int, float), where), f"{where}['frequency']"),
+            "members": members,
+            "neighbours": _neighbours(item.get("neighbours"), f"{where}['neighbours']"),
+        }
     return {"latents": clean, "meta_latents": metas, "neighbour_heading": neighbour_heading}
 
 
-def write_explorer(path: str | Path, title: str, notes: str, latents: Sequence[Mapping],
-                   meta_latents: Mapping[int, Mapping] | None = None,
-                   neighbour_heading: str = "nearest latents in other SAEs (decoder cosine)") -> Path:
+def write_explorer(
+    path: str | Path,
+    title: str,
+    notes: str,
+    latents: Sequence[Mapping],
+    meta_latents: Mapping[int, Mapping] | None = None,
+    neighbour_heading: str = "nearest latents in other SAEs (decoder cosine)",
+) -> Path:
     """Write the explorer page to ``path`` atomically (see the module docstring for the schema);
     ``notes`` is shown under the title as plain text (what the SAEs are, how the page was made)."""
     data = _check(latents, meta_latents or {}, neighbour_heading)
     # Every "<" as \u003c: "</script>" would end the data block early, and "<!--<script>" would make the
     # HTML parser swallow the page's own script (a blank page); "<" only occurs inside JSON strings.
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head>\n"
-            f"<body><div id=\"side\"><div style=\"padding:8px\"><b>{html.escape(title)}</b>"
-            f"<div class=\"note\">{html.escape(notes)}</div></div>"
-            f"<input id=\"filter\" placeholder=\"filter: id, token, tag\">"
-            f"<div id=\"list\"></div></div><div id=\"main\"></div>\n"
-            f"<script type=\"application/json\" id=\"data\">{payload}</script>\n"
-            f"<script>{_SCRIPT}</script></body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head>\n"
+        f'<body><div id="side"><div style="padding:8px"><b>{html.escape(title)}</b>'
+        f'<div class="note">{html.escape(notes)}</div></div>'
+        f'<input id="filter" placeholder="filter: id, token, tag">'
+        f'<div id="list"></div></div><div id="main"></div>\n'
+        f'<script type="application/json" id="data">{payload}</script>\n'
+        f"<script>{_SCRIPT}</script></body></html>\n"
+    )
     return write_text(path, page)
 
 
-def write_consistency_explorer(path: str | Path, document: Mapping, *, run: int = 0, title: str | None = None,
-                               labels: Sequence[str] | None = None, frequencies: Sequence[float] | None = None,
-                               contexts: Sequence[Sequence[str]] | None = None) -> Path:
+def write_consistency_explorer(
+    path: str | Path,
+    document: Mapping,
+    *,
+    run: int = 0,
+    title: str | None = None,
+    labels: Sequence[str] | None = None,
+    frequencies: Sequence[float] | None = None,
+    contexts: Sequence[Sequence[str]] | None = None,
+) -> Path:
     """The consistency explorer of run ``run`` of a consistency document: its latents sorted by their
     mean matched cosine in the other runs, each with its partner in every other run. Optional, per
     latent of that run: ``labels`` (e.g. top tokens), ``frequencies`` (fraction of held-out tokens)
@@ -205,8 +231,7 @@ def write_consistency_explorer(path: str | Path, document: Mapping, *, run: int 
     for p in pairs:
         if run in (p["a"], p["b"]):
             own, other = ("rows", "cols") if p["a"] == run else ("cols", "rows")
-            partner[p["b"] if p["a"] == run else p["a"]] = {
-                i: (j, c) for i, j, c in zip(p[own], p[other], p["cosine"])}
+            partner[p["b"] if p["a"] == run else p["a"]] = {i: (j, c) for i, j, c in zip(p[own], p[other], p["cosine"])}
     cosines = document["stability"]["latents"][run]
     chance = document["chance"]["mean"] if document["chance"] else None
     stable_at = max(document["stability"]["thresholds"])
@@ -216,21 +241,43 @@ def write_consistency_explorer(path: str | Path, document: Mapping, *, run: int 
     mean = [sum(v) / len(v) if v else -math.inf for v in live]
     latents = []
     for i in sorted(range(n), key=lambda i: (-mean[i], i)):
-        tags = (["left out"] if not live[i] else (["stable"] if min(live[i]) >= stable_at else [])
-                + (["below chance"] if chance is not None and mean[i] < chance else []))
+        tags = (
+            ["left out"]
+            if not live[i]
+            else (["stable"] if min(live[i]) >= stable_at else [])
+            + (["below chance"] if chance is not None and mean[i] < chance else [])
+        )
         label = labels[i] if labels is not None else (f"mean cos {mean[i]:.3f}" if live[i] else "dead")
-        neighbours = [{"sae": names[r], "latent": j, "cos": c, "label": _verdict(c, stable_at, chance)}
-                      for r in sorted(partner) if i in partner[r] for j, c in [partner[r][i]]]
-        latents.append({"id": i, "label": label, "tags": tags, "neighbours": neighbours,
-                        "frequency": None if frequencies is None else float(frequencies[i]),
-                        "contexts": [] if contexts is None else list(contexts[i])})
+        neighbours = [
+            {"sae": names[r], "latent": j, "cos": c, "label": _verdict(c, stable_at, chance)}
+            for r in sorted(partner)
+            if i in partner[r]
+            for j, c in [partner[r][i]]
+        ]
+        latents.append(
+            {
+                "id": i,
+                "label": label,
+                "tags": tags,
+                "neighbours": neighbours,
+                "frequency": None if frequencies is None else float(frequencies[i]),
+                "contexts": [] if contexts is None else list(contexts[i]),
+            }
+        )
     pw = f"PW-MCC {document['pw_mcc']:.3f} ± {document['pw_mcc_std']:.3f}"
-    notes = (f"{pw}" + (f" (chance {chance:.3f})" if chance is not None else "") + f" over {len(runs)} runs "
-             f"({document['cosine']} cosine, d_model {document['d_model']}). Latents of {names[run]}, most stable first; "
-             f"'stable': cosine >= {stable_at:g} in every other run; 'below chance': mean matched cosine under the "
-             "chance level.")
-    return write_explorer(path, title or "Consistency explorer", notes, latents,
-                          neighbour_heading="matched partner in each other run (decoder cosine)")
+    notes = (
+        f"{pw}" + (f" (chance {chance:.3f})" if chance is not None else "") + f" over {len(runs)} runs "
+        f"({document['cosine']} cosine, d_model {document['d_model']}). Latents of {names[run]}, most stable first; "
+        f"'stable': cosine >= {stable_at:g} in every other run; 'below chance': mean matched cosine under the "
+        "chance level."
+    )
+    return write_explorer(
+        path,
+        title or "Consistency explorer",
+        notes,
+        latents,
+        neighbour_heading="matched partner in each other run (decoder cosine)",
+    )
 
 
 def _verdict(cos: float, stable_at: float, chance: float | None) -> str:

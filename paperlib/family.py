@@ -70,13 +70,18 @@ class FamilyConfig:
         if self.architecture not in ZOO:
             raise ValueError(f"FamilyConfig.architecture {self.architecture!r} is not in the zoo; choose one of {ZOO}")
         widths = tuple(self.widths)
-        if len(widths) < 2 or any(not isinstance(w, int) or isinstance(w, bool) for w in widths) \
-                or any(b <= a for a, b in zip(widths, widths[1:])):
+        if (
+            len(widths) < 2
+            or any(not isinstance(w, int) or isinstance(w, bool) for w in widths)
+            or any(b <= a for a, b in zip(widths, widths[1:]))
+        ):
             raise ValueError(f"FamilyConfig.widths must be at least two increasing integers, got {self.widths!r}")
         object.__setattr__(self, "widths", widths)
         if not isinstance(self.sparsity, int) or not 1 <= self.sparsity <= widths[0]:
-            raise ValueError(f"FamilyConfig.sparsity must be an integer target L0 in 1..{widths[0]} (the smallest "
-                             f"width), got {self.sparsity!r}")
+            raise ValueError(
+                f"FamilyConfig.sparsity must be an integer target L0 in 1..{widths[0]} (the smallest "
+                f"width), got {self.sparsity!r}"
+            )
         if self.bridge_width is not None and self.bridge_width not in widths:
             raise ValueError(f"FamilyConfig.bridge_width={self.bridge_width} is not one of the widths {widths}")
         if not isinstance(self.bridge_seeds, int) or self.bridge_seeds < 1:
@@ -94,8 +99,15 @@ class FamilyConfig:
 
     def sae_config(self, width: int, d_model: int) -> SAEConfig:
         """06's rule at this width before any L1 calibration (its initial weights are the run's)."""
-        return rule_config(self.architecture, d_model, width, self.sparsity, self.n_seeds(width),
-                           self.member_seed(width), self.aux_coeff)
+        return rule_config(
+            self.architecture,
+            d_model,
+            width,
+            self.sparsity,
+            self.n_seeds(width),
+            self.member_seed(width),
+            self.aux_coeff,
+        )
 
     def schedule_for(self, width: int, schedule: TrainConfig) -> TrainConfig:
         """``schedule``, without decoder snapshots unless ``width`` is a multi-seed bank."""
@@ -142,22 +154,49 @@ class Family:
         """Latents that fired during the last ``window`` training tokens [n] bool (a latent that never
         fires keeps a decoder row that says little about the data)."""
         if not 0 <= seed < self.run(width).bank.n_seeds:
-            raise IndexError(f"width {width} has {self.runs[width].bank.n_seeds} seeds; "
-                             f"seed index {seed} is out of range")
+            raise IndexError(
+                f"width {width} has {self.runs[width].bank.n_seeds} seeds; seed index {seed} is out of range"
+            )
         return self.runs[width].bank.tokens_since_fired[seed] < self.window
 
 
-def train_family(acts, config: FamilyConfig, schedule: TrainConfig, eval_rows: int, store: Store | None = None,
-                 device: str | torch.device | None = None, progress: bool = False) -> Family:
+def train_family(
+    acts,
+    config: FamilyConfig,
+    schedule: TrainConfig,
+    eval_rows: int,
+    store: Store | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Family:
     """Every width of ``config`` trained on the training rows of ``acts`` (an ``Activations``, or any
     object with ``config``, ``d_model``, ``len`` and ``fp32(rows)``), through the store."""
     train_rows, _ = held_out_split(len(acts), eval_rows)
-    trained = {w: zoo_run(acts, config.architecture, w, config.sparsity, config.schedule_for(w, schedule), eval_rows,
-                          store, n_seeds=config.n_seeds(w), seed=config.member_seed(w), aux_coeff=config.aux_coeff,
-                          calibrate=config.calibrate_l1, device=device, progress=progress) for w in config.widths}
+    trained = {
+        w: zoo_run(
+            acts,
+            config.architecture,
+            w,
+            config.sparsity,
+            config.schedule_for(w, schedule),
+            eval_rows,
+            store,
+            n_seeds=config.n_seeds(w),
+            seed=config.member_seed(w),
+            aux_coeff=config.aux_coeff,
+            calibrate=config.calibrate_l1,
+            device=device,
+            progress=progress,
+        )
+        for w in config.widths
+    }
     window = min(train_rows.stop, schedule.steps * min(schedule.batch_size or train_rows.stop, train_rows.stop))
-    return Family(config, {w: t.run for w, t in trained.items()}, window,
-                  {w: t.calibration for w, t in trained.items() if t.calibration is not None})
+    return Family(
+        config,
+        {w: t.run for w, t in trained.items()},
+        window,
+        {w: t.calibration for w, t in trained.items() if t.calibration is not None},
+    )
 
 
 @dataclass(frozen=True)
@@ -209,14 +248,25 @@ def path_tensors(path: StitchPath) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A ``StitchPath`` as (tensors, meta) for ``Store.cached``; ``path_from_tensors`` inverts it."""
     removed, removed_ptr = _flat([m.removed for m in path.moves])
     added, added_ptr = _flat([m.added for m in path.moves])
-    tensors = {"n_latents": torch.as_tensor(path.n_latents), "mse": torch.as_tensor(path.mse),
-               "l0": torch.as_tensor(path.l0), "delta": torch.as_tensor(path.delta),
-               "violations": torch.as_tensor(path.violations, dtype=torch.long),
-               "kind": torch.tensor([_KINDS.index(m.kind) for m in path.moves], dtype=torch.long),
-               "removed": removed, "removed_ptr": removed_ptr, "added": added, "added_ptr": added_ptr,
-               **{f"insertion.{k}": v for k, v in _insertion_tensors(path.insertion).items()}}
-    meta = {"mse_small": path.mse_small, "mse_large": path.mse_large, "endpoint_error": path.endpoint_error,
-            "sizes": list(path.sizes)}
+    tensors = {
+        "n_latents": torch.as_tensor(path.n_latents),
+        "mse": torch.as_tensor(path.mse),
+        "l0": torch.as_tensor(path.l0),
+        "delta": torch.as_tensor(path.delta),
+        "violations": torch.as_tensor(path.violations, dtype=torch.long),
+        "kind": torch.tensor([_KINDS.index(m.kind) for m in path.moves], dtype=torch.long),
+        "removed": removed,
+        "removed_ptr": removed_ptr,
+        "added": added,
+        "added_ptr": added_ptr,
+        **{f"insertion.{k}": v for k, v in _insertion_tensors(path.insertion).items()},
+    }
+    meta = {
+        "mse_small": path.mse_small,
+        "mse_large": path.mse_large,
+        "endpoint_error": path.endpoint_error,
+        "sizes": list(path.sizes),
+    }
     return tensors, meta
 
 
@@ -226,24 +276,42 @@ def path_from_tensors(t: dict[str, Tensor], meta: dict[str, Any]) -> StitchPath:
         return tuple(t[name][int(ptr[m]) : int(ptr[m + 1])].tolist())
 
     moves = tuple(Move(_KINDS[int(k)], group("removed", m), group("added", m)) for m, k in enumerate(t["kind"]))
-    insertion = _insertion({k[len("insertion."):]: v for k, v in t.items() if k.startswith("insertion.")}, meta)
-    return StitchPath(t["n_latents"].numpy(), t["mse"].numpy(), t["l0"].numpy(), t["delta"].numpy(), moves,
-                      meta["mse_small"], meta["mse_large"], meta["endpoint_error"], t["violations"].numpy(),
-                      insertion, tuple(meta["sizes"]))
+    insertion = _insertion({k[len("insertion.") :]: v for k, v in t.items() if k.startswith("insertion.")}, meta)
+    return StitchPath(
+        t["n_latents"].numpy(),
+        t["mse"].numpy(),
+        t["l0"].numpy(),
+        t["delta"].numpy(),
+        moves,
+        meta["mse_small"],
+        meta["mse_large"],
+        meta["endpoint_error"],
+        t["violations"].numpy(),
+        insertion,
+        tuple(meta["sizes"]),
+    )
 
 
-def cached_path(small: SAEView, large: SAEView, x: Tensor, key: dict[str, Any], config: StitchConfig = StitchConfig(),
-                store: Store | None = None) -> StitchPath:
+def cached_path(
+    small: SAEView,
+    large: SAEView,
+    x: Tensor,
+    key: dict[str, Any],
+    config: StitchConfig = StitchConfig(),
+    store: Store | None = None,
+) -> StitchPath:
     """``interpolation_path(small, large, x, config)`` through the store. ``key`` must identify both
     SAEs and the rows ``x`` (e.g. ``{"small": family.ref(w), "large": family.ref(2 * w), "data": ...}``)."""
     store = store or Store()
-    entry = store.cached("stitch-path", {**key, "config": config},
-                         lambda: path_tensors(interpolation_path(small, large, x, config)))
+    entry = store.cached(
+        "stitch-path", {**key, "config": config}, lambda: path_tensors(interpolation_path(small, large, x, config))
+    )
     return path_from_tensors(entry.tensors, entry.meta)
 
 
-def cached_insertion(small: SAEView, large: SAEView, x: Tensor, key: dict[str, Any],
-                     store: Store | None = None) -> Insertion:
+def cached_insertion(
+    small: SAEView, large: SAEView, x: Tensor, key: dict[str, Any], store: Store | None = None
+) -> Insertion:
     """``insertion_effects(small, large, x)`` through the store (``key`` as for ``cached_path``)."""
     store = store or Store()
 
@@ -255,8 +323,14 @@ def cached_insertion(small: SAEView, large: SAEView, x: Tensor, key: dict[str, A
     return _insertion(entry.tensors, entry.meta)
 
 
-def cached_top_contexts(sae: SAEView, x: Tensor, key: dict[str, Any], latents: Tensor | None = None,
-                        n_top: int = 10, store: Store | None = None) -> TopContexts:
+def cached_top_contexts(
+    sae: SAEView,
+    x: Tensor,
+    key: dict[str, Any],
+    latents: Tensor | None = None,
+    n_top: int = 10,
+    store: Store | None = None,
+) -> TopContexts:
     """Top-activating rows of ``latents`` (default: all) of ``sae`` on ``x``, through the store."""
     store = store or Store()
     latents = torch.arange(sae.n_latents) if latents is None else torch.as_tensor(latents, dtype=torch.long)
@@ -304,8 +378,9 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
     return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(label) - n_pos)))
 
 
-def cross_seed_similarity(matches: list, pairs: list[tuple[int, int, float]], n_runs: int,
-                          n_latents: int) -> np.ndarray:
+def cross_seed_similarity(
+    matches: list, pairs: list[tuple[int, int, float]], n_runs: int, n_latents: int
+) -> np.ndarray:
     """Per run and latent [R, n]: the mean cosine of the latent's matched partners in the other runs
     (from ``consistency.pw_mcc``'s ``matches`` and ``pairs``; needs equal widths, so every latent is
     matched). Paper A's per-pair similarity, seen from each latent."""
@@ -319,8 +394,9 @@ def cross_seed_similarity(matches: list, pairs: list[tuple[int, int, float]], n_
     return total / count
 
 
-def rank_correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> tuple[float, float, float]:
+def rank_correlation(
+    x: np.ndarray, y: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Spearman's ρ of ``x`` and ``y`` and a percentile bootstrap interval (pairs resampled)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
@@ -341,8 +417,10 @@ def partial_rank_correlation(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> flo
     partial correlation): what is left of the association once both follow a common cause ``z``."""
     x, y, z = (np.asarray(v, dtype=float) for v in (x, y, z))
     if not x.shape == y.shape == z.shape or x.ndim != 1 or len(x) < 4:
-        raise ValueError(f"partial_rank_correlation needs three 1-D arrays of the same length >= 4, got "
-                         f"{x.shape}, {y.shape}, {z.shape}")
+        raise ValueError(
+            f"partial_rank_correlation needs three 1-D arrays of the same length >= 4, got "
+            f"{x.shape}, {y.shape}, {z.shape}"
+        )
     r = np.corrcoef(np.stack([rankdata(x), rankdata(y), rankdata(z)]))
     rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
-    return float((rxy - rxz * ryz) / np.sqrt((1 - rxz ** 2) * (1 - ryz ** 2)))
+    return float((rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2)))

@@ -72,10 +72,10 @@ def systematic_sample(
         points = torch.rand(rows, 1, generator=generator, dtype=torch.float64) + offsets
         if per_row:
             position = torch.searchsorted(cum, points, right=True).clamp_(max=n_units - 1)
-            hits[start:start + rows] = order.gather(1, position)
+            hits[start : start + rows] = order.gather(1, position)
         else:
             position = torch.searchsorted(cum, points, right=True).clamp_(max=n_units - 1)
-            hits[start:start + rows] = order[position]
+            hits[start : start + rows] = order[position]
     return hits.sort(dim=1).values
 
 

@@ -92,10 +92,18 @@ def fused_grads(
     x = x.contiguous()
     weights = [p.detach().contiguous() for p in (bank.W_enc, bank.b_enc, bank.W_dec, bank.b_dec)]
     out = torch.empty(S, library.partial_floats())
-    _threads_for(f"fused_step_{S}_{d}_{n}_{cfg.k or 0}_{x.shape[0]}").run(lambda threads: library.fused_step(
-        _ptr(x), ctypes.c_long(x.shape[0]), S, *map(_ptr, weights),
-        ctypes.c_float(2.0 / (n_rows * dims)), ctypes.c_float(l1_coeff / n_rows), _ptr(out), threads,
-    ))
+    _threads_for(f"fused_step_{S}_{d}_{n}_{cfg.k or 0}_{x.shape[0]}").run(
+        lambda threads: library.fused_step(
+            _ptr(x),
+            ctypes.c_long(x.shape[0]),
+            S,
+            *map(_ptr, weights),
+            ctypes.c_float(2.0 / (n_rows * dims)),
+            ctypes.c_float(l1_coeff / n_rows),
+            _ptr(out),
+            threads,
+        )
+    )
     d_W_dec, d_W_enc, d_b_enc, d_b_dec, sums, fired = out.split([n * d, d * n, n, d, 3, n], dim=1)
     d_b_dec = d_b_dec - torch.bmm(d_b_enc[:, None], weights[0].transpose(1, 2))[:, 0]
     grads = [d_W_dec.reshape(S, n, d), d_W_enc.reshape(S, d, n), d_b_enc.contiguous(), d_b_dec]
@@ -103,8 +111,17 @@ def fused_grads(
 
 
 def sparse_tail(
-    x: Tensor, b_dec: Tensor, W_dec: Tensor, W_enc: Tensor, idx: Tensor, val: Tensor, err_scale: float,
-    l1_per_row: float, d_W_dec: Tensor, d_W_enc_t: Tensor, d_b_enc: Tensor,
+    x: Tensor,
+    b_dec: Tensor,
+    W_dec: Tensor,
+    W_enc: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    err_scale: float,
+    l1_per_row: float,
+    d_W_dec: Tensor,
+    d_W_enc_t: Tensor,
+    d_b_enc: Tensor,
 ) -> tuple[Tensor, Tensor] | None:
     """One seed of ``sparse_topk``'s step after the top-k selection, fused (``fused_sparse.cpp``):
     adds into the gradients ``d_W_dec`` and ``d_W_enc_t`` (W_enc transposed), both [n, d], and
@@ -112,8 +129,11 @@ def sparse_tail(
     L0), every sum in a fixed order, so the result does not depend on the thread count. None, touching nothing,
     when it does not apply or cannot be compiled (the caller then runs the torch version)."""
     tensors = (x, b_dec, W_dec, W_enc, val, d_W_dec, d_W_enc_t, d_b_enc)
-    if (not enabled() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
-            or not all(t.is_contiguous() for t in (d_W_dec, d_W_enc_t, d_b_enc))):
+    if (
+        not enabled()
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or not all(t.is_contiguous() for t in (d_W_dec, d_W_enc_t, d_b_enc))
+    ):
         return None
     library = _library("fused_sparse")
     if library is None:
@@ -124,11 +144,31 @@ def sparse_tail(
     idx = idx.to(torch.int64).contiguous()
     g, d_val, sq_err = torch.empty(rows, d), torch.empty(rows, k), torch.empty(rows)
     d_b_dec, sums = torch.empty(d), torch.empty(3, dtype=torch.float64)
-    _threads_for(f"sparse_tail_{rows}_{d}_{n}_{k}").run(lambda threads: library.sparse_tail(
-        _ptr(x), _ptr(b_dec), _ptr(W_dec), _ptr(W_enc_t), _ptr(idx), _ptr(val), ctypes.c_long(rows), d, k,
-        ctypes.c_long(n), ctypes.c_float(err_scale), ctypes.c_float(l1_per_row), _ptr(g), _ptr(d_val), _ptr(sq_err),
-        _ptr(d_W_dec), _ptr(d_W_enc_t), _ptr(d_b_enc), _ptr(d_b_dec), _ptr(sums), threads,
-    ))
+    _threads_for(f"sparse_tail_{rows}_{d}_{n}_{k}").run(
+        lambda threads: library.sparse_tail(
+            _ptr(x),
+            _ptr(b_dec),
+            _ptr(W_dec),
+            _ptr(W_enc_t),
+            _ptr(idx),
+            _ptr(val),
+            ctypes.c_long(rows),
+            d,
+            k,
+            ctypes.c_long(n),
+            ctypes.c_float(err_scale),
+            ctypes.c_float(l1_per_row),
+            _ptr(g),
+            _ptr(d_val),
+            _ptr(sq_err),
+            _ptr(d_W_dec),
+            _ptr(d_W_enc_t),
+            _ptr(d_b_enc),
+            _ptr(d_b_dec),
+            _ptr(sums),
+            threads,
+        )
+    )
     return d_b_dec, sums.float()
 
 
@@ -251,6 +291,8 @@ def _warn_once(reason: str) -> None:
     if _warned:
         return
     _warned = True
-    warnings.warn(f"a fused SAE kernel could not be compiled ({reason}); training uses the slower torch "
-                  "ops. Install a C++ compiler (or set CXX), or set PAPERLIB_FUSED=0 to silence this",
-                  stacklevel=user_stacklevel())
+    warnings.warn(
+        f"a fused SAE kernel could not be compiled ({reason}); training uses the slower torch "
+        "ops. Install a C++ compiler (or set CXX), or set PAPERLIB_FUSED=0 to silence this",
+        stacklevel=user_stacklevel(),
+    )

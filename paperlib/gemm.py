@@ -80,8 +80,12 @@ def _measured_choice() -> bool:
     faster = measure_onednn_faster()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps({"onednn": faster, "probe": PROBE, "torch": torch.__version__,
-                                     "threads": torch.get_num_threads()}))
+        write_text(
+            path,
+            json.dumps(
+                {"onednn": faster, "probe": PROBE, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            ),
+        )
     except OSError:
         pass  # a read-only cache: measure again in the next process
     return faster
@@ -91,8 +95,10 @@ def enabled() -> bool:
     """Whether fp32 matmuls may take the oneDNN route: ``PAPERLIB_ONEDNN``, else the measured choice."""
     setting = os.environ.get("PAPERLIB_ONEDNN", "auto")
     if setting not in SETTINGS:
-        raise ValueError(f"PAPERLIB_ONEDNN must be one of {', '.join(SETTINGS)}, got {setting!r}: unset it to "
-                         "use whichever of oneDNN and MKL was measured faster on this machine")
+        raise ValueError(
+            f"PAPERLIB_ONEDNN must be one of {', '.join(SETTINGS)}, got {setting!r}: unset it to "
+            "use whichever of oneDNN and MKL was measured faster on this machine"
+        )
     if setting != "auto":
         return setting == "1"
     return _linear() is not None and _measured_choice()
@@ -114,9 +120,14 @@ def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     if _linear() is None or torch.is_autocast_enabled("cpu"):
         return False
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return (not needs_grad and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.dim() == weight.dim() == 2 and min(*x.shape, weight.shape[1]) >= MIN_DIM
-            and enabled())  # last: the first call in a process may time both GEMMs
+    return (
+        not needs_grad
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == weight.dim() == 2
+        and min(*x.shape, weight.shape[1]) >= MIN_DIM
+        and enabled()
+    )  # last: the first call in a process may time both GEMMs
 
 
 def addmm(bias: Tensor | None, x: Tensor, weight: Tensor) -> Tensor:

@@ -56,7 +56,11 @@ from paperlib.atomic import atomic_path
 from paperlib.sae import SAEBank, SAEConfig
 
 CFG, WEIGHTS, SPARSIFY_WEIGHTS, DL_WEIGHTS, DL_CONFIG = (
-    "cfg.json", "sae_weights.safetensors", "sae.safetensors", "ae.pt", "config.json",
+    "cfg.json",
+    "sae_weights.safetensors",
+    "sae.safetensors",
+    "ae.pt",
+    "config.json",
 )
 LAYOUTS = ("paperlib", "saelens", "sparsify", "dictionary_learning")
 _ACCEPTED = (
@@ -65,9 +69,16 @@ _ACCEPTED = (
     "dictionary_learning (ae.pt, or a directory holding it)"
 )
 # SAELens names where SAELens has the architecture; ours otherwise (read back by our own loader).
-_SAELENS_ARCH = {"relu": "standard", "relu_dnorm": "standard", "topk": "topk", "batchtopk": "batchtopk",
-                 "jumprelu": "jumprelu", "gated": "gated", "matryoshka": "matryoshka_batchtopk",
-                 "panneal": "standard"}  # P-anneal's codes are ReLU's; only its training loss differs
+_SAELENS_ARCH = {
+    "relu": "standard",
+    "relu_dnorm": "standard",
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "matryoshka": "matryoshka_batchtopk",
+    "panneal": "standard",
+}  # P-anneal's codes are ReLU's; only its training loss differs
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -176,8 +187,14 @@ def _saelens_files(bank: SAEBank, i: int, metadata: Mapping[str, Any]) -> tuple[
             architecture, tensors["threshold"] = "jumprelu", bank.threshold[i].expand_as(b_enc)
         case "gated":
             architecture = "gated"
-            tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_dec": b_dec, "b_gate": b_enc,
-                       "b_mag": bank.b_mag[i], "r_mag": bank.r_mag[i]}
+            tensors = {
+                "W_enc": W_enc,
+                "W_dec": W_dec,
+                "b_dec": b_dec,
+                "b_gate": b_enc,
+                "b_mag": bank.b_mag[i],
+                "r_mag": bank.r_mag[i],
+            }
         case other:
             raise ValueError(f"{other} SAEs have no SAELens inference class to export to; {_EXPORTABLE}")
     meta = {
@@ -387,8 +404,9 @@ def _read_dictionary_learning(weights: Path) -> Decoder:
     if not isinstance(W_dec, torch.Tensor):
         raise ValueError(f"{weights}: {name} is a {type(W_dec).__name__}, not a tensor")
     if W_dec.ndim != 2:
-        raise ValueError(f"{weights}: {name} must be a 2-D matrix, "
-                         f"got rank {W_dec.ndim} with shape {tuple(W_dec.shape)}")
+        raise ValueError(
+            f"{weights}: {name} must be a 2-D matrix, got rank {W_dec.ndim} with shape {tuple(W_dec.shape)}"
+        )
     stored = tuple(W_dec.shape)
     if not rows_are_latents:
         W_dec = W_dec.T
@@ -442,8 +460,11 @@ def read_decoder(path) -> Decoder:
                 return _read_sparsify(path)
             cfg = _read_json(path.parent / CFG)
             return _read_saelens(path, cfg, "paperlib" if "paperlib" in cfg else "saelens")
-        why = ("a .safetensors file without a sibling cfg.json" if path.suffix == ".safetensors"
-               else "an unknown file type")
+        why = (
+            "a .safetensors file without a sibling cfg.json"
+            if path.suffix == ".safetensors"
+            else "an unknown file type"
+        )
         raise ValueError(f"{path}: unknown SAE layout ({why}); {_ACCEPTED}")
     found = _layout_files(path)
     if found is None:
@@ -472,8 +493,9 @@ def load_sae(path) -> SAEBank:
     if path.is_file():
         path = path.parent
     if not (path / CFG).is_file():
-        raise FileNotFoundError(f"{path}: no {CFG}; load_sae reads directories written by "
-                                f"save_sae{_hint_for_directory(path)}")
+        raise FileNotFoundError(
+            f"{path}: no {CFG}; load_sae reads directories written by save_sae{_hint_for_directory(path)}"
+        )
     meta = _read_json(path / CFG)
     if not isinstance(meta.get("paperlib"), dict):
         raise ValueError(
@@ -482,8 +504,9 @@ def load_sae(path) -> SAEBank:
         )
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     try:
-        cfg = SAEConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in meta["paperlib"].items() if k in known})
+        cfg = SAEConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["paperlib"].items() if k in known}
+        )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path / CFG}: invalid 'paperlib' config ({exc})") from exc
     if cfg.n_seeds != 1:

@@ -79,8 +79,9 @@ def resolve(name: str) -> tuple[str, str]:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ValueError(f"model directory {str(path)!r} has no config.json; "
-                             "point at a Hugging Face model directory")
+            raise ValueError(
+                f"model directory {str(path)!r} has no config.json; point at a Hugging Face model directory"
+            )
         return "local", str(path.resolve())
     if name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise ValueError(
@@ -139,7 +140,6 @@ def _pretrained(loader, name: str, store: Store | None, **kwargs):
             raise ValueError(f"cannot load {loader.__name__} for model {name!r} from {where}: {exc}") from exc
 
 
-
 def _packaged_dir(store: Store) -> Path:
     """The dequantised packaged model as a Hugging Face directory, converting the GGUF on first use."""
     if str(store.root) in _CONVERTED and _CONVERTED[str(store.root)].exists():
@@ -161,8 +161,9 @@ def _packaged_dir(store: Store) -> Path:
             problem = "model.safetensors does not match its hash"
         except (OSError, ValueError, KeyError) as exc:
             problem = f"unreadable ({exc})"
-        warnings.warn(f"converted model {target} is corrupt: {problem}; converting the GGUF again",
-                      stacklevel=user_stacklevel())
+        warnings.warn(
+            f"converted model {target} is corrupt: {problem}; converting the GGUF again", stacklevel=user_stacklevel()
+        )
         shutil.rmtree(target, ignore_errors=True)
     elif target.exists():
         shutil.rmtree(target, ignore_errors=True)  # an interrupted conversion never has a marker
@@ -198,8 +199,15 @@ def _convert(gguf: Path, out: Path) -> None:
     ours, theirs = model.state_dict(), reloaded.state_dict()
     if set(ours) != set(theirs) or not all(torch.equal(ours[k], theirs[k]) for k in ours):
         raise RuntimeError("the converted SmolLM2 weights differ from the GGUF's; please report this")
-    (out / _MARKER).write_text(json.dumps({"model.safetensors": file_sha256(out / "model.safetensors"),
-                                           "source": str(gguf), "note": "dequantised Q4_1 GGUF, float32"}))
+    (out / _MARKER).write_text(
+        json.dumps(
+            {
+                "model.safetensors": file_sha256(out / "model.safetensors"),
+                "source": str(gguf),
+                "note": "dequantised Q4_1 GGUF, float32",
+            }
+        )
+    )
 
 
 def load_tokenizer(name: str, store: Store | None = None):
@@ -288,8 +296,9 @@ def residual(model: nn.Module, layer: int, input_ids: torch.Tensor) -> torch.Ten
 
 
 @contextlib.contextmanager
-def spliced(model: nn.Module, layer: int, mask: torch.Tensor,
-            replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def spliced(
+    model: nn.Module, layer: int, mask: torch.Tensor, replace: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
     """Within the block, block ``layer``'s output at positions ``mask`` [batch, seq] is replaced by
     ``replace(resid)`` (resid: float32 [n_selected, d_model], must come back the same shape)."""
 
@@ -313,9 +322,15 @@ def spliced(model: nn.Module, layer: int, mask: torch.Tensor,
         handle.remove()
 
 
-def mean_next_token_loss(model: nn.Module, tokens: torch.Tensor, special_ids: list[int], layer: int,
-                         replace: Callable[[torch.Tensor], torch.Tensor] | None, batch: int,
-                         first_position: int = 0) -> float:
+def mean_next_token_loss(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    special_ids: list[int],
+    layer: int,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None,
+    batch: int,
+    first_position: int = 0,
+) -> float:
     """Mean next-token cross-entropy (nats) over every target that is not a special token, with the
     residual after block ``layer`` optionally replaced at the non-special positions from
     ``first_position`` on."""
@@ -325,7 +340,7 @@ def mean_next_token_loss(model: nn.Module, tokens: torch.Tensor, special_ids: li
     special = torch.tensor(special_ids, dtype=torch.long)
     total, count = 0.0, 0
     for start in range(0, tokens.shape[0], per_forward):
-        ids = tokens[start:start + per_forward].long()
+        ids = tokens[start : start + per_forward].long()
         keep = ~torch.isin(ids, special)
         ids, keep = ids.to(dev), keep.to(dev)
         at = keep.clone()
@@ -334,8 +349,9 @@ def mean_next_token_loss(model: nn.Module, tokens: torch.Tensor, special_ids: li
         with torch.inference_mode(), ctx:
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         target, valid = ids[:, 1:], keep[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                   reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        )
         total += float(losses[valid.reshape(-1)].double().sum())
         count += int(valid.sum())
     if count == 0:

@@ -40,6 +40,7 @@ Method (internally the smaller side is called "rows", the other "columns"):
 Nothing is approximated silently: if the loop hits its round limit the result is
 returned with ``certified=False`` and a warning.
 """
+
 from __future__ import annotations
 
 import time
@@ -93,8 +94,7 @@ def _unit(x, side: str) -> np.ndarray:
     norms = torch.linalg.vector_norm(t, dim=1)
     zero = norms == 0
     if zero.any():
-        raise ValueError(f"{side} has {int(zero.sum())} zero-norm rows; drop dead latents "
-                         "before matching")
+        raise ValueError(f"{side} has {int(zero.sum())} zero-norm rows; drop dead latents before matching")
     return (t / norms[:, None]).numpy()
 
 
@@ -108,8 +108,14 @@ def _dense(a: np.ndarray, b: np.ndarray, signed: bool, t0: float) -> Matching:
     if not signed:
         np.abs(w, out=w)
     r, c = linear_sum_assignment(w, maximize=True)
-    stats = dict(candidate_edges=int(w.size), rounds=1, rows_rechecked=0,
-                 seconds=time.perf_counter() - t0, method="dense-scipy", gap_bound=0.0)
+    stats = dict(
+        candidate_edges=int(w.size),
+        rounds=1,
+        rows_rechecked=0,
+        seconds=time.perf_counter() - t0,
+        method="dense-scipy",
+        gap_bound=0.0,
+    )
     return Matching(r.astype(np.int64), c.astype(np.int64), w[r, c].astype(np.float64), True, stats)
 
 
@@ -118,8 +124,15 @@ class _Side:
     vector the ``k`` largest stored values of ``s - r[other]`` (``r``: the reference
     of the scan), their indices, and the ``k``-th value ``thr`` bounding all the rest."""
 
-    def __init__(self, own_lp: torch.Tensor, other_lp: torch.Tensor, k: int,
-                 own64: np.ndarray, other64: np.ndarray, is_rows: bool) -> None:
+    def __init__(
+        self,
+        own_lp: torch.Tensor,
+        other_lp: torch.Tensor,
+        k: int,
+        own64: np.ndarray,
+        other64: np.ndarray,
+        is_rows: bool,
+    ) -> None:
         n = own_lp.shape[0]
         self.own64, self.other64, self.is_rows = own64, other64, is_rows
         self.own = torch.cat([own_lp, torch.ones(n, 1, dtype=own_lp.dtype, device=own_lp.device)], 1)
@@ -136,13 +149,14 @@ class _Side:
 class _Problem:
     """Rows X [nr, d] (smaller side), columns Y [nc, d], both unit float64."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, signed: bool, dev: torch.device,
-                 top_c: int, block_rows: int) -> None:
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, signed: bool, dev: torch.device, top_c: int, block_rows: int
+    ) -> None:
         self.x, self.y, self.signed, self.dev = x, y, signed, dev
         self.nr, self.nc = x.shape[0], y.shape[0]
         self.dt = _scan_dtype(dev)
-        u_in = 2.0 ** -8 if self.dt == torch.bfloat16 else 2.0 ** -24
-        u_acc, k = 2.0 ** -24, x.shape[1] + 2
+        u_in = 2.0**-8 if self.dt == torch.bfloat16 else 2.0**-24
+        u_acc, k = 2.0**-24, x.shape[1] + 2
         self.u_in, self.gamma = u_in, k * u_acc / (1 - k * u_acc)
         self.c_out = u_in / (1 - u_in)  # output rounding, relative to the stored value
         if self.gamma > 0.01:
@@ -160,7 +174,7 @@ class _Problem:
         r_lp = torch.from_numpy(ref - np.median(ref)).to(self.dev, self.dt)
         r_used = r_lp.double().cpu().numpy()  # the reference actually folded into the matmul
         big = float(np.abs(r_used).max())
-        e = 1.25 * (2 * self.u_in + self.u_in ** 2 + self.gamma * ((1 + self.u_in) ** 2 + big)) + 1e-30
+        e = 1.25 * (2 * self.u_in + self.u_in**2 + self.gamma * ((1 + self.u_in) ** 2 + big)) + 1e-30
         side.refs.append((r_used, e, self.c_out))
         ob = torch.cat([side.other, -r_lp[:, None]], 1)
         if not self.signed:
@@ -170,26 +184,27 @@ class _Problem:
         buf = torch.empty(min(self.block, ids.size), ob.shape[0], dtype=self.dt, device=self.dev)
         ids_t = torch.from_numpy(ids).to(self.dev)
         for s in range(0, ids.size, self.block):
-            out = buf[: ids_t[s:s + self.block].numel()]
-            torch.matmul(side.own[ids_t[s:s + self.block]], ot, out=out)
+            out = buf[: ids_t[s : s + self.block].numel()]
+            torch.matmul(side.own[ids_t[s : s + self.block]], ot, out=out)
             v, i = torch.topk(out, k, dim=1)
-            blk = ids[s:s + self.block]
+            blk = ids[s : s + self.block]
             side.val[blk] = v.double().cpu().numpy()
             side.idx[blk] = i.cpu().numpy() % n_oth
             side.thr[blk] = side.val[blk, -1] if k < out.shape[1] else -np.inf
         side.ref_id[ids] = len(side.refs) - 1
         side.scan_sol[ids] = sol_id
 
-    def scan64(self, side: _Side, ids: np.ndarray, d_own: np.ndarray, d_oth: np.ndarray,
-               es: _lap.EdgeSet, sol_id: int) -> None:
+    def scan64(
+        self, side: _Side, ids: np.ndarray, d_own: np.ndarray, d_oth: np.ndarray, es: _lap.EdgeSet, sol_id: int
+    ) -> None:
         """float64 rescan of ``ids`` against duals: every pair within 2e of being tight
         is put into the graph ``es``; the record threshold bounds only the rest."""
         n_oth, kk = side.other64.shape[0], side.idx.shape[1]
         k = min(kk, n_oth)
-        e = 4.0 * (self.x.shape[1] + 2) * 2.0 ** -53 * (2.0 + float(np.abs(d_oth).max()))
-        side.refs.append((d_oth.copy(), e, 2.0 ** -52))
+        e = 4.0 * (self.x.shape[1] + 2) * 2.0**-53 * (2.0 + float(np.abs(d_oth).max()))
+        side.refs.append((d_oth.copy(), e, 2.0**-52))
         for s in range(0, ids.size, 256):
-            blk = ids[s:s + 256]
+            blk = ids[s : s + 256]
             red = side.own64[blk] @ side.other64.T
             if not self.signed:
                 np.abs(red, out=red)
@@ -214,7 +229,7 @@ class _Problem:
         """float64 weights of the given pairs."""
         out = np.empty(ri.size)
         for s in range(0, ri.size, 8192):
-            out[s:s + 8192] = np.einsum("ij,ij->i", self.x[ri[s:s + 8192]], self.y[cj[s:s + 8192]])
+            out[s : s + 8192] = np.einsum("ij,ij->i", self.x[ri[s : s + 8192]], self.y[cj[s : s + 8192]])
         return out if self.signed else np.abs(out)
 
 
@@ -293,8 +308,9 @@ def _initial_edges(p: _Problem) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([r1, rr[keep]]), np.concatenate([c1, cc[keep]])
 
 
-def _pick_columns(p: _Problem, v: np.ndarray, fail: np.ndarray, slack: np.ndarray,
-                  col_ok: np.ndarray, sol_id: int) -> np.ndarray:
+def _pick_columns(
+    p: _Problem, v: np.ndarray, fail: np.ndarray, slack: np.ndarray, col_ok: np.ndarray, sol_id: int
+) -> np.ndarray:
     """Columns worth rescanning: the cheapest mix of column scans (cost nr each, 8x that
     for a float64 rescan) and row rescans (cost nc each) letting the failing rows pass."""
     side, cs = p.rows, p.cols
@@ -326,8 +342,7 @@ def _sparse(p: _Problem, t0: float) -> tuple[np.ndarray, np.ndarray, bool, dict]
     es = _lap.EdgeSet(p.nr, p.nc)
     r0, c0 = es.missing(*_initial_edges(p))
     es.add(r0, c0, p.exact(r0, c0))
-    st = dict(rounds=0, rows_rechecked=0, cols_rechecked=0, promoted=0, solves=0,
-              bf_iters=0)
+    st = dict(rounds=0, rows_rechecked=0, cols_rechecked=0, promoted=0, solves=0, bf_iters=0)
     cap, sol, certified, dirty, sol_id = None, None, False, True, 0
     for _ in range(_MAX_ROUNDS):
         st["rounds"] += 1
@@ -392,16 +407,32 @@ def _sparse(p: _Problem, t0: float) -> tuple[np.ndarray, np.ndarray, bool, dict]
     viol = max(0.0, float((es.w - u[es.rows] - v[es.cols]).max()))
     gap = sol["slack"] + p.nr * viol + p.nc * max(0.0, -sol["min_v"])
     certified = certified and sol["converged"] and gap <= _GAP_TOL
-    st.update(candidate_edges=len(es), gap_bound=gap, scan_dtype=str(p.dt).replace("torch.", ""),
-              eps=p.rows.refs[0][1], timing={k: round(x, 3) for k, x in tm.items()})
+    st.update(
+        candidate_edges=len(es),
+        gap_bound=gap,
+        scan_dtype=str(p.dt).replace("torch.", ""),
+        eps=p.rows.refs[0][1],
+        timing={k: round(x, 3) for k, x in tm.items()},
+    )
     if not certified:
-        warnings.warn("paperlib.matching: optimality could not be certified "
-                      f"(stats={st}); result may be suboptimal", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"paperlib.matching: optimality could not be certified (stats={st}); result may be suboptimal",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return sig, w, certified, st
 
 
-def match(a, b, *, signed: bool = True, device: str | None = None, top_c: int = 8,
-          block_rows: int = 4096, dense_limit: int = 2048) -> Matching:
+def match(
+    a,
+    b,
+    *,
+    signed: bool = True,
+    device: str | None = None,
+    top_c: int = 8,
+    block_rows: int = 4096,
+    dense_limit: int = 2048,
+) -> Matching:
     """Exact maximum-weight matching between the rows of ``a`` [n_A, d] and ``b`` [n_B, d].
 
     Rows are normalised here; ``signed=False`` uses ``|cos|``. Below ``dense_limit``

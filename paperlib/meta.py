@@ -96,13 +96,26 @@ class MetaSAEConfig:
 
     def sae_config(self, n_latents: int, d_model: int) -> SAEConfig:
         rows = min(self.batch_size or n_latents, n_latents)
-        return SAEConfig("batchtopk", d_model=d_model, n_latents=self.width_for(n_latents), k=self.k,
-                         aux_coeff=self.aux_coeff, decoder="unit", reconstruction="sum", seed=self.seed,
-                         dead_tokens=self.dead_batches * rows)
+        return SAEConfig(
+            "batchtopk",
+            d_model=d_model,
+            n_latents=self.width_for(n_latents),
+            k=self.k,
+            aux_coeff=self.aux_coeff,
+            decoder="unit",
+            reconstruction="sum",
+            seed=self.seed,
+            dead_tokens=self.dead_batches * rows,
+        )
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                           log_every=min(self.log_every, self.steps))
+        return TrainConfig(
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            log_every=min(self.log_every, self.steps),
+        )
 
 
 def unit_directions(source: Tensor | SAEBank | SAEView, seed: int = 0) -> Tensor:
@@ -120,8 +133,10 @@ def unit_directions(source: Tensor | SAEBank | SAEView, seed: int = 0) -> Tensor
     norms = w.norm(dim=1)
     bad = (~torch.isfinite(norms) | (norms == 0)).nonzero().flatten()
     if len(bad):
-        raise ValueError(f"{len(bad)} decoder rows are zero or non-finite (first: {bad[:5].tolist()}); "
-                         "drop those latents (e.g. dead ones) before training a meta-SAE")
+        raise ValueError(
+            f"{len(bad)} decoder rows are zero or non-finite (first: {bad[:5].tolist()}); "
+            "drop those latents (e.g. dead ones) before training a meta-SAE"
+        )
     return w / norms[:, None]
 
 
@@ -144,28 +159,43 @@ class MetaSAE:
         return self.bank.cfg.n_latents
 
 
-def train_meta_sae(directions: Tensor | SAEBank | SAEView, config: MetaSAEConfig = MetaSAEConfig(),
-                   store: Store | None = None, progress: bool = False,
-                   device: str | torch.device | None = None) -> MetaSAE:
+def train_meta_sae(
+    directions: Tensor | SAEBank | SAEView,
+    config: MetaSAEConfig = MetaSAEConfig(),
+    store: Store | None = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> MetaSAE:
     """Train (or load from the store) a meta-SAE on the unit decoder directions of ``directions``."""
     x = unit_directions(directions)
     digest = hashlib.sha256(x.numpy().tobytes()).hexdigest()
-    run = trained_bank(x, {"directions_sha256": digest, "shape": list(x.shape)}, config.sae_config(*x.shape),
-                       config.train_config(), store=store, namespace="meta-sae", device=device, progress=progress)
+    run = trained_bank(
+        x,
+        {"directions_sha256": digest, "shape": list(x.shape)},
+        config.sae_config(*x.shape),
+        config.train_config(),
+        store=store,
+        namespace="meta-sae",
+        device=device,
+        progress=progress,
+    )
     return MetaSAE(run.bank, config, run.history, run.key)
 
 
 def _check(meta: MetaSAE, directions: Tensor | SAEBank | SAEView) -> Tensor:
     x = unit_directions(directions)
     if x.shape[1] != meta.bank.cfg.d_model:
-        raise ValueError(f"directions have d_model={x.shape[1]} but the meta-SAE was trained on "
-                         f"d_model={meta.bank.cfg.d_model}; pass decoder directions of the same model")
+        raise ValueError(
+            f"directions have d_model={x.shape[1]} but the meta-SAE was trained on "
+            f"d_model={meta.bank.cfg.d_model}; pass decoder directions of the same model"
+        )
     return x
 
 
 @torch.no_grad()
-def meta_codes(meta: MetaSAE, directions: Tensor | SAEBank | SAEView, batch: bool = False,
-               chunk_size: int = 8192) -> Tensor:
+def meta_codes(
+    meta: MetaSAE, directions: Tensor | SAEBank | SAEView, batch: bool = False, chunk_size: int = 8192
+) -> Tensor:
     """Meta-latent codes [n, width] of each direction (``batch``: training's top-(n·k) selection)."""
     x = _check(meta, directions)
     if batch:
@@ -202,8 +232,13 @@ class Decomposition:
     cosine: Tensor
 
 
-def decompose(meta: MetaSAE, directions: Tensor | SAEBank | SAEView, latents: Sequence[int] | Tensor,
-              top: int = 8, batch: bool = False) -> Decomposition:
+def decompose(
+    meta: MetaSAE,
+    directions: Tensor | SAEBank | SAEView,
+    latents: Sequence[int] | Tensor,
+    top: int = 8,
+    batch: bool = False,
+) -> Decomposition:
     """The meta-latents each of ``latents`` is built from, with their weights (codes)."""
     x = _check(meta, directions)
     latents = torch.as_tensor(latents, dtype=torch.long).flatten()
@@ -234,8 +269,9 @@ class Resemblance:
         return float((self.max_cos > self.threshold).float().mean())
 
 
-def compare_to_saes(meta: MetaSAE, others: Mapping[str, Tensor | SAEBank | SAEView],
-                    threshold: float = 0.7) -> dict[str, Resemblance]:
+def compare_to_saes(
+    meta: MetaSAE, others: Mapping[str, Tensor | SAEBank | SAEView], threshold: float = 0.7
+) -> dict[str, Resemblance]:
     """For each named SAE: how closely its latents resemble the meta-latents (paper B: often a
     smaller SAE's latents, cosine > 0.7, more than an equally sized SAE's)."""
     if not -1 <= threshold <= 1:
@@ -244,9 +280,10 @@ def compare_to_saes(meta: MetaSAE, others: Mapping[str, Tensor | SAEBank | SAEVi
     for name, sae in others.items():
         w = unit_directions(sae)
         if w.shape[1] != meta.bank.cfg.d_model:
-            raise ValueError(f"SAE {name!r} has d_model={w.shape[1]}, the meta-SAE d_model={meta.bank.cfg.d_model}; "
-                             "compare SAEs of the same model")
+            raise ValueError(
+                f"SAE {name!r} has d_model={w.shape[1]}, the meta-SAE d_model={meta.bank.cfg.d_model}; "
+                "compare SAEs of the same model"
+            )
         values, index = max_cosine(meta.directions, w)
         out[name] = Resemblance(values, index, threshold)
     return out
-

@@ -111,8 +111,9 @@ class ZipfianOrganism:
     def __post_init__(self) -> None:
         _validate(self, "ZipfianOrganism")
         if not isinstance(self.n_groups, int) or not 1 <= self.n_groups <= self.n_gt:
-            raise ValueError(f"ZipfianOrganism.n_groups must be an integer in [1, n_gt={self.n_gt}], "
-                             f"got {self.n_groups!r}")
+            raise ValueError(
+                f"ZipfianOrganism.n_groups must be an integer in [1, n_gt={self.n_gt}], got {self.n_groups!r}"
+            )
         if self.n_gt % self.n_groups:
             raise ValueError(
                 f"ZipfianOrganism.n_groups={self.n_groups} must divide n_gt={self.n_gt} (equal groups); pick a divisor"
@@ -174,8 +175,8 @@ class TwoPhaseZipfOrganism:
     def probability(self) -> torch.Tensor:
         """[n_gt] firing probability of each feature (float64, decreasing with the index); sums to s."""
         rank = torch.arange(1, self.n_gt + 1, dtype=torch.float64)
-        head = rank ** -self.beta_head
-        tail = self.break_rank ** -self.beta_head * (rank / self.break_rank) ** -self.beta_tail
+        head = rank**-self.beta_head
+        tail = self.break_rank**-self.beta_head * (rank / self.break_rank) ** -self.beta_tail
         weight = torch.where(rank <= self.break_rank, head, tail)
         return self.s * weight / weight.sum()
 
@@ -255,13 +256,17 @@ def _observe(cfg, gen: torch.Generator, dictionary: torch.Tensor, active: torch.
     else:
         rows = torch.arange(cfg.n_samples).repeat_interleave(cfg.s)
         codes = torch.sparse_coo_tensor(
-            torch.stack([rows, active.flatten()]), magnitudes.flatten(), (cfg.n_samples, cfg.n_gt),
+            torch.stack([rows, active.flatten()]),
+            magnitudes.flatten(),
+            (cfg.n_samples, cfg.n_gt),
             check_invariants=False,  # indices are in range and unique per row by construction
         ).coalesce()
-        x = torch.cat([
-            torch.einsum("ns,nsd->nd", magnitudes[i:i + 8192], dictionary[active[i:i + 8192]])
-            for i in range(0, cfg.n_samples, 8192)
-        ])
+        x = torch.cat(
+            [
+                torch.einsum("ns,nsd->nd", magnitudes[i : i + 8192], dictionary[active[i : i + 8192]])
+                for i in range(0, cfg.n_samples, 8192)
+            ]
+        )
     if cfg.noise_std > 0:
         x = x + cfg.noise_std * torch.randn(x.shape, generator=gen)
     return OrganismData(dictionary=dictionary, codes=codes, x=x, active=active, magnitudes=magnitudes, **extra)
@@ -284,8 +289,13 @@ def sample_uniform(cfg: UniformOrganism) -> OrganismData:
     if cfg.noise_std > 0:
         x = x + cfg.noise_std * torch.randn(x.shape, generator=gen)
     order = positions.argsort(dim=1)
-    return OrganismData(dictionary=dictionary, codes=codes, x=x,
-                        active=positions.gather(1, order), magnitudes=magnitudes.gather(1, order))
+    return OrganismData(
+        dictionary=dictionary,
+        codes=codes,
+        x=x,
+        active=positions.gather(1, order),
+        magnitudes=magnitudes.gather(1, order),
+    )
 
 
 def sample_zipfian(cfg: ZipfianOrganism) -> OrganismData:
@@ -298,8 +308,9 @@ def sample_zipfian(cfg: ZipfianOrganism) -> OrganismData:
     members = [torch.arange(g * size, (g + 1) * size) for g in range(cfg.n_groups)]
     cluster = _clusters(cfg.n_gt, cfg)
     active = select_members(counts, members, cfg.n_gt, cfg.s, gen, cluster, cfg.correlation)
-    return _observe(cfg, gen, dictionary, active, dense=True, group=group, probability=cfg.probability(),
-                    cluster=cluster)
+    return _observe(
+        cfg, gen, dictionary, active, dense=True, group=group, probability=cfg.probability(), cluster=cluster
+    )
 
 
 def sample_two_phase(cfg: TwoPhaseZipfOrganism) -> OrganismData:
@@ -334,5 +345,7 @@ def sample(cfg: Organism) -> OrganismData:
         return sample_two_phase(cfg)
     if isinstance(cfg, PlantedSubspaceOrganism):
         return sample_planted_subspace(cfg)
-    raise TypeError("sample() needs a UniformOrganism, ZipfianOrganism, TwoPhaseZipfOrganism or "
-                    f"PlantedSubspaceOrganism, got {type(cfg).__name__}")
+    raise TypeError(
+        "sample() needs a UniformOrganism, ZipfianOrganism, TwoPhaseZipfOrganism or "
+        f"PlantedSubspaceOrganism, got {type(cfg).__name__}"
+    )

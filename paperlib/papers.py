@@ -23,7 +23,7 @@ class PaperValue:
 
     @property
     def mark(self) -> str:
-        """"≈" for an approximate value, else empty: for labels such as f"paper {mark}{value}"."""
+        """ "≈" for an approximate value, else empty: for labels such as f"paper {mark}{value}"."""
         return "≈ " if self.approximate else ""
 
 

@@ -58,8 +58,10 @@ def refuse_unknown_parameters(history: list[str] | None = None) -> None:
     declared, given = (_assigned(history[i]) for i in (injected[-1] - 1, injected[-1]))
     unknown = sorted(given - declared)
     if unknown:
-        raise ValueError(f"unknown notebook parameter(s) {', '.join(unknown)}: this notebook takes "
-                         f"{', '.join(sorted(declared))}; check the spelling of the -p / -f values given to papermill")
+        raise ValueError(
+            f"unknown notebook parameter(s) {', '.join(unknown)}: this notebook takes "
+            f"{', '.join(sorted(declared))}; check the spelling of the -p / -f values given to papermill"
+        )
 
 
 def _assigned(source: str) -> set[str]:

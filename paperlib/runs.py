@@ -49,9 +49,9 @@ def _pack(bank: SAEBank, history, checkpoints: Mapping[int, Tensor]) -> dict[str
 
 def _unpack(sae: SAEConfig, tensors: Mapping[str, Tensor], key: str) -> TrainedRun:
     bank = SAEBank(sae)
-    bank.load_state_dict({n[len(_STATE):]: t for n, t in tensors.items() if n.startswith(_STATE)})
-    history = {n[len(_HISTORY):]: t.numpy() for n, t in tensors.items() if n.startswith(_HISTORY)}
-    checkpoints = {int(n[len(_CHECKPOINT):]): t for n, t in tensors.items() if n.startswith(_CHECKPOINT)}
+    bank.load_state_dict({n[len(_STATE) :]: t for n, t in tensors.items() if n.startswith(_STATE)})
+    history = {n[len(_HISTORY) :]: t.numpy() for n, t in tensors.items() if n.startswith(_HISTORY)}
+    checkpoints = {int(n[len(_CHECKPOINT) :]): t for n, t in tensors.items() if n.startswith(_CHECKPOINT)}
     return TrainedRun(bank.requires_grad_(False), history, dict(sorted(checkpoints.items())), key)
 
 
@@ -102,8 +102,9 @@ def held_out_split(n_rows: int, eval_rows: int) -> tuple[slice, slice]:
     """Training rows first, the last ``eval_rows`` held out. Activation rows are in context order,
     so the held-out rows come from contexts the SAE never saw."""
     if not isinstance(eval_rows, int) or not 0 < eval_rows < n_rows:
-        raise ValueError(f"eval_rows must be an integer in 1..{n_rows - 1} (rows available: {n_rows}), "
-                         f"got {eval_rows!r}")
+        raise ValueError(
+            f"eval_rows must be an integer in 1..{n_rows - 1} (rows available: {n_rows}), got {eval_rows!r}"
+        )
     return slice(0, n_rows - eval_rows), slice(n_rows - eval_rows, n_rows)
 
 
@@ -112,8 +113,10 @@ MASSIVE_NORM_FACTOR = 10.0
 
 def _checked_norm_factor(factor: float | None) -> float | None:
     if factor is not None and (not is_real(factor, finite=True) or factor <= 1):
-        raise ValueError(f"max_norm_factor must be a number > 1 (a multiple of the median row norm) or None to keep "
-                         f"every row, got {factor!r}")
+        raise ValueError(
+            f"max_norm_factor must be a number > 1 (a multiple of the median row norm) or None to keep "
+            f"every row, got {factor!r}"
+        )
     return factor
 
 
@@ -130,15 +133,24 @@ def without_massive_rows(x: Tensor, factor: float | None = MASSIVE_NORM_FACTOR) 
     norms = x.norm(dim=1)
     keep = norms <= factor * norms.median()
     if not keep.all():
-        warnings.warn(f"left out {int((~keep).sum())} of {len(x)} training rows whose norm exceeds {factor:g}x the "
-                      f"median ({float(norms.median()):.4g}); largest {float(norms.max()):.4g} (massive activations; "
-                      "max_norm_factor=None keeps them)", RuntimeWarning, stacklevel=user_stacklevel())
+        warnings.warn(
+            f"left out {int((~keep).sum())} of {len(x)} training rows whose norm exceeds {factor:g}x the "
+            f"median ({float(norms.median()):.4g}); largest {float(norms.max()):.4g} (massive activations; "
+            "max_norm_factor=None keeps them)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
     return x[keep]
 
 
 def activation_run(
-    acts, sae: SAEConfig, schedule: TrainConfig, eval_rows: int, store: Store | None = None,
-    max_norm_factor: float | None = MASSIVE_NORM_FACTOR, **kwargs
+    acts,
+    sae: SAEConfig,
+    schedule: TrainConfig,
+    eval_rows: int,
+    store: Store | None = None,
+    max_norm_factor: float | None = MASSIVE_NORM_FACTOR,
+    **kwargs,
 ) -> TrainedRun:
     """``trained_bank`` on the training rows of ``acts`` (a ``paperlib.activations.Activations``),
     without the massive ones (``without_massive_rows``), keyed by the activation config, the split and
@@ -146,5 +158,12 @@ def activation_run(
     train_rows, _ = held_out_split(len(acts), eval_rows)
     _checked_norm_factor(max_norm_factor)  # refused before the cache is read
     key = {"activations": acts.config, "train_rows": train_rows.stop, "max_norm_factor": max_norm_factor}
-    return trained_bank(lambda: without_massive_rows(acts.fp32(train_rows), max_norm_factor), key, sae, schedule,
-                        store, namespace="llm-sae", **kwargs)
+    return trained_bank(
+        lambda: without_massive_rows(acts.fp32(train_rows), max_norm_factor),
+        key,
+        sae,
+        schedule,
+        store,
+        namespace="llm-sae",
+        **kwargs,
+    )

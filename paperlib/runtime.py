@@ -43,8 +43,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_device(requested: str | torch.device | None, what: str = "device",
-                   fix: str = "use device='cpu' or device='auto' (the best device this machine has)") -> torch.device:
+def resolve_device(
+    requested: str | torch.device | None,
+    what: str = "device",
+    fix: str = "use device='cpu' or device='auto' (the best device this machine has)",
+) -> torch.device:
     """``requested`` as a torch device that exists on this machine; ``None`` or ``"auto"``: ``device()``.
 
     ``what`` names the input in the message (a parameter, a flag, an environment variable) and
@@ -57,7 +60,8 @@ def resolve_device(requested: str | torch.device | None, what: str = "device",
         dev = torch.device(requested.strip() if isinstance(requested, str) else requested)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(
-            f"{_named(what, requested)} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'); {fix}") from exc
+            f"{_named(what, requested)} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'); {fix}"
+        ) from exc
     if dev.type == "cpu":
         return dev
     backend = getattr(torch, dev.type, None)
@@ -68,8 +72,9 @@ def resolve_device(requested: str | torch.device | None, what: str = "device",
         raise ValueError(f"{_named(what, requested)}: {dev.type} is not available on this machine; {fix}")
     count = getattr(backend, "device_count", None)
     if dev.index is not None and callable(count) and dev.index >= count():
-        raise ValueError(f"{_named(what, requested)}: this machine has {count()} {dev.type} device(s) "
-                         f"(0..{count() - 1}); {fix}")
+        raise ValueError(
+            f"{_named(what, requested)}: this machine has {count()} {dev.type} device(s) (0..{count() - 1}); {fix}"
+        )
     return dev
 
 
@@ -143,8 +148,10 @@ def maybe_compile(fn: F) -> F:
             return compiled(*args, **kwargs)
         except Exception as exc:  # compiler missing or unsupported backend: stay correct, run eager
             failed = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running {fn.__name__} eagerly",
-                          stacklevel=user_stacklevel())
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {exc}); running {fn.__name__} eagerly",
+                stacklevel=user_stacklevel(),
+            )
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

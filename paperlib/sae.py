@@ -73,9 +73,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown SAE architecture {self.architecture!r}; choose one of {sorted(ARCHITECTURES)}"
-            )
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; choose one of {sorted(ARCHITECTURES)}")
         for name in ("d_model", "n_latents", "n_seeds", "dead_tokens"):
             value = getattr(self, name)
             if not is_int(value, 1):
@@ -122,8 +120,9 @@ class SAEConfig:
                 f"got p_start={self.p_start!r}, p_end={self.p_end!r}"
             )
         if not 0 <= self.anneal_start < 1:
-            raise ValueError("SAEConfig.anneal_start must be a fraction of training in [0, 1), "
-                             f"got {self.anneal_start!r}")
+            raise ValueError(
+                f"SAEConfig.anneal_start must be a fraction of training in [0, 1), got {self.anneal_start!r}"
+            )
         for name, least in (("p_updates", 2), ("p_window", 1)):
             value = getattr(self, name)
             if not is_int(value, least):
@@ -191,9 +190,7 @@ class SAEBank(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_model:
-            raise ValueError(
-                f"SAE input must have shape [batch, d_model={self.cfg.d_model}], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"SAE input must have shape [batch, d_model={self.cfg.d_model}], got {tuple(x.shape)}")
 
     def pre_activations(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -224,8 +221,9 @@ class SAEBank(nn.Module):
         total, parts, codes, _ = self.loss_and_reconstruction(x, sparsity_scale)
         return total, parts, codes
 
-    def loss_and_reconstruction(self, x: Tensor, sparsity_scale: float = 1.0
-                                ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    def loss_and_reconstruction(
+        self, x: Tensor, sparsity_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
         """``loss`` and the reconstructions [S, B, d] it was computed from (detached), so that an
         evaluation does not decode the same codes a second time."""
         pre = self.pre_activations(x)
@@ -261,7 +259,11 @@ class SAEBank(nn.Module):
 
     @torch.no_grad()
     def loss_and_grads(
-        self, x: Tensor, n_rows: int, chunk_size: int = 4096, l1_coeff: float | None = None,
+        self,
+        x: Tensor,
+        n_rows: int,
+        chunk_size: int = 4096,
+        l1_coeff: float | None = None,
         sparse: bool | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Closed-form gradients (ReLU, TopK without AuxK) of the loss over ``x`` (a batch of
@@ -312,8 +314,15 @@ class SAEBank(nn.Module):
 
 @maybe_compile
 def _masked_chunk_grads(
-    x: Tensor, W_dec: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-    arch: type[Architecture], k: int, err_scale: Tensor, l1_per_row: Tensor,
+    x: Tensor,
+    W_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    arch: type[Architecture],
+    k: int,
+    err_scale: Tensor,
+    l1_per_row: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One chunk's contribution to the gradients (b_dec only through the decoder), the loss sums
     and which latents fired. ``err_scale`` = 2 / (rows · dims averaged over), ``l1_per_row`` =

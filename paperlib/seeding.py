@@ -32,9 +32,17 @@ Varied = Literal["init", "order", "both"]
 VARIED: tuple[Varied, ...] = ("init", "order", "both")
 
 
-def seeded_runs(data, data_key: Any, sae: SAEConfig, schedule: TrainConfig, n_runs: int, vary: Varied,
-                store: Store | None = None, device: str | torch.device | None = None,
-                progress: bool = False) -> list[SAEBank]:
+def seeded_runs(
+    data,
+    data_key: Any,
+    sae: SAEConfig,
+    schedule: TrainConfig,
+    n_runs: int,
+    vary: Varied,
+    store: Store | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[SAEBank]:
     """``n_runs`` trained single-seed banks of ``sae`` (its ``n_seeds`` is set here) that differ in
     what ``vary`` names; ``data``, ``data_key``, ``store`` and ``device`` as in ``trained_bank``."""
     if vary not in VARIED:
@@ -42,14 +50,24 @@ def seeded_runs(data, data_key: Any, sae: SAEConfig, schedule: TrainConfig, n_ru
     if not isinstance(n_runs, int) or isinstance(n_runs, bool) or n_runs < 2:
         raise ValueError(f"n_runs must be an integer >= 2 (runs to compare), got {n_runs!r}")
     if vary == "init":
-        bank = trained_bank(data, data_key, replace(sae, n_seeds=n_runs), schedule, store,
-                            device=device, progress=progress).bank
+        bank = trained_bank(
+            data, data_key, replace(sae, n_seeds=n_runs), schedule, store, device=device, progress=progress
+        ).bank
         return [bank.seed(i) for i in range(n_runs)]
     runs = []
     for i in range(n_runs):
         single = replace(sae, n_seeds=1, seed=sae.seed + (i if vary == "both" else 0))
-        runs.append(trained_bank(data, data_key, single, replace(schedule, seed=schedule.seed + i), store,
-                                 device=device, progress=progress).bank)
+        runs.append(
+            trained_bank(
+                data,
+                data_key,
+                single,
+                replace(schedule, seed=schedule.seed + i),
+                store,
+                device=device,
+                progress=progress,
+            ).bank
+        )
     return runs
 
 

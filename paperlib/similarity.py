@@ -75,17 +75,28 @@ class EmbeddingSimilarity:
             try:
                 self._model = SentenceTransformer(self.model_dir, device=self.device, local_files_only=True)
             except (OSError, ValueError) as exc:
-                raise RuntimeError(f"cannot load the sentence-embedding model from {self.model_dir} ({exc}); "
-                                   "run `make assets` or pass model_dir") from exc
-        return self._model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
-                                  normalize_embeddings=True, show_progress_bar=False).float().cpu()
+                raise RuntimeError(
+                    f"cannot load the sentence-embedding model from {self.model_dir} ({exc}); "
+                    "run `make assets` or pass model_dir"
+                ) from exc
+        return (
+            self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            .float()
+            .cpu()
+        )
 
     def __call__(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         a, b = _pairs(a, b)
         if not a:
             return np.zeros(0)
         emb = self.embed(a + b)
-        cos = (emb[:len(a)] * emb[len(a):]).sum(1).clamp(-1, 1).double().numpy()
+        cos = (emb[: len(a)] * emb[len(a) :]).sum(1).clamp(-1, 1).double().numpy()
         empty = np.array([not x.strip() or not y.strip() for x, y in zip(a, b)])
         return np.where(empty, np.nan, cos)
 
@@ -97,9 +108,12 @@ _NUMBER = r"(10(?:\.0+)?|[1-9](?:\.\d+)?)"
 def parse_score(reply: str) -> float:
     """The 1..10 rating in a judge's reply, or NaN if there is none (see the module docstring)."""
     text = _SCALE.sub(" ", reply.replace("**", ""))
-    for pattern in (rf"^\s*{_NUMBER}\s*\.?\s*$", rf"{_NUMBER}\s*/\s*10\b",
-                    rf"(?:score|rating|rate|similarity)\w*\W{{0,20}}?{_NUMBER}(?!\d)",
-                    rf"(?<![\d.]){_NUMBER}(?![\d.]*\d)"):
+    for pattern in (
+        rf"^\s*{_NUMBER}\s*\.?\s*$",
+        rf"{_NUMBER}\s*/\s*10\b",
+        rf"(?:score|rating|rate|similarity)\w*\W{{0,20}}?{_NUMBER}(?!\d)",
+        rf"(?<![\d.]){_NUMBER}(?![\d.]*\d)",
+    ):
         match = re.search(pattern, text, re.I)
         if match:
             value = float(match.group(1))
@@ -111,11 +125,18 @@ class JudgeSimilarity:
     """LLM-judge similarity 1..10 through ``backend`` (cached; NaN where no score; see above).
     ``prefill`` starts the judge's answer (useful for small local models, e.g. "Rating:")."""
 
-    def __init__(self, backend: ChatBackend, store: Store | None = None, batch_size: int = 32,
-                 max_tokens: int = 8, prefill: str = "") -> None:
+    def __init__(
+        self,
+        backend: ChatBackend,
+        store: Store | None = None,
+        batch_size: int = 32,
+        max_tokens: int = 8,
+        prefill: str = "",
+    ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"JudgeSimilarity needs positive integer batch_size and max_tokens, got {batch_size!r}, "
-                             f"{max_tokens!r}")
+            raise ValueError(
+                f"JudgeSimilarity needs positive integer batch_size and max_tokens, got {batch_size!r}, {max_tokens!r}"
+            )
         self.backend, self.store, self.batch_size = backend, store, batch_size
         self.max_tokens, self.prefill = max_tokens, prefill
 
@@ -124,9 +145,11 @@ class JudgeSimilarity:
         return f"judge:{self.backend.id}:m{self.max_tokens}:pre{hashlib.sha256(self.prefill.encode()).hexdigest()[:6]}"
 
     def conversation(self, a: str, b: str) -> list[dict[str, str]]:
-        user = ("Two descriptions of features of a language model:\n"
-                f"A: {' '.join(a.split())}\nB: {' '.join(b.split())}\n"
-                "How similar are they in meaning, from 1 (unrelated) to 10 (the same)? Reply with one number.")
+        user = (
+            "Two descriptions of features of a language model:\n"
+            f"A: {' '.join(a.split())}\nB: {' '.join(b.split())}\n"
+            "How similar are they in meaning, from 1 (unrelated) to 10 (the same)? Reply with one number."
+        )
         messages = [{"role": "user", "content": user}]
         if self.prefill:
             messages.append({"role": "assistant", "content": self.prefill})
@@ -144,20 +167,34 @@ class JudgeSimilarity:
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # a repeated pair is rated once
         todo = [i for k, i in first.items() if k not in records and a[i].strip() and b[i].strip()]
         for start in range(0, len(todo), self.batch_size):
-            batch = todo[start:start + self.batch_size]
+            batch = todo[start : start + self.batch_size]
             convs = [self.conversation(a[i], b[i]) for i in batch]
             try:
                 replies: list[str | None] = list(self.backend.complete_many(convs, self.max_tokens))
                 failure = None
             except PartialFailure as exc:
                 replies, failure = exc.results, exc
-            cache.update(records, [{"key": keys[i], "reply": r, "score": parse_score(r)}
-                                   for i, r in zip(batch, replies) if r is not None])
+            cache.update(
+                records,
+                [
+                    {"key": keys[i], "reply": r, "score": parse_score(r)}
+                    for i, r in zip(batch, replies)
+                    if r is not None
+                ],
+            )
             if failure is not None:
-                raise type(failure)(f"{failure}\nratings so far are saved in {cache.path}; run again to resume",
-                                    failure.results, failure.errors) from failure
-        return np.array([records[k]["score"] if k in records and a[i].strip() and b[i].strip() else math.nan
-                         for i, k in enumerate(keys)], dtype=np.float64)
+                raise type(failure)(
+                    f"{failure}\nratings so far are saved in {cache.path}; run again to resume",
+                    failure.results,
+                    failure.errors,
+                ) from failure
+        return np.array(
+            [
+                records[k]["score"] if k in records and a[i].strip() and b[i].strip() else math.nan
+                for i, k in enumerate(keys)
+            ],
+            dtype=np.float64,
+        )
 
 
 @dataclass(frozen=True)
@@ -189,8 +226,9 @@ def _check_boot(n_boot: int, level: float) -> None:
         raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot!r}, level={level!r}")
 
 
-def bin_scores(cosine, score, edges: Sequence[float] = PAPER_A_EDGES, n_boot: int = 1000, level: float = 0.95,
-               seed: int = 0) -> BinnedScores:
+def bin_scores(
+    cosine, score, edges: Sequence[float] = PAPER_A_EDGES, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> BinnedScores:
     """Mean ``score`` of the pairs in each decoder-cosine bin [edges[b], edges[b+1]) (last bin
     closed), with a percentile bootstrap interval of the bin mean; NaN scores are left out."""
     cosine, score = _vectors(cosine, score, ("cosine", "score"))
@@ -239,7 +277,7 @@ def spearman(x, y, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Co
         rx, ry = (rankdata(v[i], axis=-1) for v in (x, y))
         rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return (rx * ry).sum(-1) / np.sqrt((rx ** 2).sum(-1) * (ry ** 2).sum(-1))
+            return (rx * ry).sum(-1) / np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
 
     boots = rho(np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x))))
     boots = boots[~np.isnan(boots)]  # a resample with all-equal values has no rank correlation

@@ -48,8 +48,12 @@ def sparse_topk_loss_and_grads(
     """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), the loss sums [3, S] (squared
     error, L1, L0) and the [S, n] mask of latents that fired, for a TopK bank on batch ``x``."""
     k, n = bank.cfg.k, bank.cfg.n_latents
-    grads = [torch.zeros_like(bank.W_dec), torch.empty_like(bank.W_enc),  # W_enc's and b_dec's: set per seed below
-             torch.zeros_like(bank.b_enc), torch.empty_like(bank.b_dec)]
+    grads = [
+        torch.zeros_like(bank.W_dec),
+        torch.empty_like(bank.W_enc),  # W_enc's and b_dec's: set per seed below
+        torch.zeros_like(bank.b_enc),
+        torch.empty_like(bank.b_dec),
+    ]
     sums = torch.zeros(3, bank.n_seeds, device=x.device)
     fired = torch.zeros(bank.n_seeds, n, dtype=torch.bool, device=x.device)
     scale = 2.0 / (n_rows * dims)
@@ -61,13 +65,26 @@ def sparse_topk_loss_and_grads(
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0
-        tail = sparse_tail(x, bank.b_dec[s], W_dec, W_enc, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t,
-                           grads[2][s])
+        tail = sparse_tail(
+            x, bank.b_dec[s], W_dec, W_enc, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t, grads[2][s]
+        )
         if tail is not None:  # on CPU: the same sums in C++, each in a fixed order (fused.py)
             grads[3][s], sums[:, s] = tail
         else:
-            g, d_val, sq_err = _torch_tail(x, centred, bank.b_dec[s], W_dec, idx, val, active, scale,
-                                           l1_coeff / n_rows, d_W_dec, d_W_enc_t, chunk_size)
+            g, d_val, sq_err = _torch_tail(
+                x,
+                centred,
+                bank.b_dec[s],
+                W_dec,
+                idx,
+                val,
+                active,
+                scale,
+                l1_coeff / n_rows,
+                d_W_dec,
+                d_W_enc_t,
+                chunk_size,
+            )
             grads[2][s].index_add_(0, idx.flatten(), d_val.flatten())
             grads[3][s] = g.sum(0) - W_enc @ grads[2][s]
             sums[:, s] = torch.stack([sq_err, val.sum(), active.sum().to(val.dtype)])
@@ -76,8 +93,20 @@ def sparse_topk_loss_and_grads(
     return grads, sums, fired
 
 
-def _torch_tail(x: Tensor, centred: Tensor, b_dec: Tensor, W_dec: Tensor, idx: Tensor, val: Tensor, active: Tensor,
-                scale: float, l1_per_row: float, d_W_dec: Tensor, d_W_enc_t: Tensor, chunk_size: int):
+def _torch_tail(
+    x: Tensor,
+    centred: Tensor,
+    b_dec: Tensor,
+    W_dec: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    active: Tensor,
+    scale: float,
+    l1_per_row: float,
+    d_W_dec: Tensor,
+    d_W_enc_t: Tensor,
+    chunk_size: int,
+):
     """The step after the top-k selection in torch ops (what ``fused.sparse_tail`` computes): adds
     into ``d_W_dec`` and ``d_W_enc_t``; returns g, the active codes' gradients and the squared error."""
     err = F.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum") + b_dec - x

@@ -54,8 +54,10 @@ def latent_stability(result: PairwiseMCC, n_latents: Sequence[int], alive=None) 
     widths = [int(n) for n in n_latents]
     R = len(widths)
     if len(result.pairs) != R * (R - 1) // 2:
-        raise ValueError(f"the PW-MCC result has {len(result.pairs)} pairs, but {R} runs make {R * (R - 1) // 2}; "
-                         "pass the widths of the runs it was computed on, in their order")
+        raise ValueError(
+            f"the PW-MCC result has {len(result.pairs)} pairs, but {R} runs make {R * (R - 1) // 2}; "
+            "pass the widths of the runs it was computed on, in their order"
+        )
     cosines = [np.zeros((n, R - 1)) for n in widths]
     for (i, j, _), m in zip(result.pairs, result.matches):
         if m.rows.size and (m.rows.max() >= widths[i] or m.cols.max() >= widths[j]):

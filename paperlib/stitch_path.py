@@ -14,8 +14,19 @@ import torch
 from torch import Tensor
 
 from paperlib.sae import SAEBank
-from paperlib.stitching import (Insertion, Move, SAEView, StitchConfig, _check_pair, _encode_pair, _insertion, _Pass,
-                                as_view, stitch_moves)
+from paperlib.stitching import (
+    Insertion,
+    Move,
+    SAEView,
+    StitchConfig,
+    _check_pair,
+    _encode_pair,
+    _insertion,
+    _Pass,
+    as_view,
+    stitch_moves,
+)
+
 
 @dataclass(frozen=True)
 class StitchPath:
@@ -43,8 +54,11 @@ class StitchPath:
         ``step`` moves."""
         if not 0 <= step <= len(self.moves):
             raise IndexError(f"step must lie in [0, {len(self.moves)}], got {step}")
-        keep, add, bias = (torch.ones(self.sizes[0], dtype=torch.bool), torch.zeros(self.sizes[1], dtype=torch.bool),
-                           "small")
+        keep, add, bias = (
+            torch.ones(self.sizes[0], dtype=torch.bool),
+            torch.zeros(self.sizes[1], dtype=torch.bool),
+            "small",
+        )
         for move in self.moves[:step]:
             keep[list(move.removed)] = False
             add[list(move.added)] = True
@@ -53,13 +67,17 @@ class StitchPath:
 
     def summary(self) -> dict:
         kinds = [m.kind for m in self.moves]
-        return {"steps": len(self.moves),
-                **{f"{k}_moves": kinds.count(k) for k in ("swap", "insert", "remove", "bias")},
-                "mse_small": self.mse_small, "mse_large": self.mse_large, "endpoint_error": self.endpoint_error,
-                "monotone": self.monotone, "violations": len(self.violations),
-                "total_increase": float(self.delta[self.delta > 0].sum()),
-                "largest_group": max((len(m.removed) + len(m.added) for m in self.moves), default=0)}
-
+        return {
+            "steps": len(self.moves),
+            **{f"{k}_moves": kinds.count(k) for k in ("swap", "insert", "remove", "bias")},
+            "mse_small": self.mse_small,
+            "mse_large": self.mse_large,
+            "endpoint_error": self.endpoint_error,
+            "monotone": self.monotone,
+            "violations": len(self.violations),
+            "total_increase": float(self.delta[self.delta > 0].sum()),
+            "largest_group": max((len(m.removed) + len(m.added) for m in self.moves), default=0),
+        }
 
 
 class _Walk:
@@ -70,8 +88,10 @@ class _Walk:
     def __init__(self, small: SAEView, large: SAEView, p: _Pass, moves: list[Move], max_gram: int) -> None:
         n_s, n = small.n_latents, p.residual.shape[0]
         if (small.n_latents + large.n_latents) ** 2 > max_gram:
-            raise ValueError(f"the decoder Gram matrix of {small.n_latents + large.n_latents} latents exceeds "
-                             f"max_gram_entries={max_gram} (4 bytes each); raise it if memory allows")
+            raise ValueError(
+                f"the decoder Gram matrix of {small.n_latents + large.n_latents} latents exceeds "
+                f"max_gram_entries={max_gram} (4 bytes each); raise it if memory allows"
+            )
         self.r, self.r_sum, self.scale = p.residual, p.residual.sum(0), 1.0 / p.residual.numel()
         self.w = torch.cat([small.W_dec.double(), large.W_dec.double()])
         self.gram = self.w.float() @ self.w.float().T
@@ -89,14 +109,17 @@ class _Walk:
         new[1:] = key[1:] != key[:-1]
         self.local = new.long().cumsum(0) - 1  # which (move, token) pair each entry belongs to
         self.tokens = self.tok[new]
-        self.e_ptr, self.u_ptr = (torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(
-            k // n, minlength=len(moves)).cumsum(0)]) for k in (key, key[new]))
+        self.e_ptr, self.u_ptr = (
+            torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(k // n, minlength=len(moves)).cumsum(0)])
+            for k in (key, key[new])
+        )
         self.by_token = self.tok.argsort(stable=True)
         self.t_ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(self.tok, minlength=n).cumsum(0)])
         # ⟨r, Z_m⟩ = Σ_{a∈m} ± Σ_t f_ta ⟨r_t, w_a⟩ (sparse product); Q_m = Σ_t ‖Z_mt‖² from entry pairs
         # sharing a (move, token), which are adjacent after the sort.
-        f = torch.sparse_coo_tensor(torch.stack([self.atom, self.tok]), self.coef, (len(self.w), n),
-                                    check_invariants=True)
+        f = torch.sparse_coo_tensor(
+            torch.stack([self.atom, self.tok]), self.coef, (len(self.w), n), check_invariants=True
+        )
         per_atom = (torch.sparse.mm(f, self.r) * self.w).sum(1)
         self.lin = torch.zeros(len(moves), dtype=torch.float64).index_add_(0, move_of, per_atom)
         run_start = torch.cat([torch.zeros(1, dtype=torch.long), new.nonzero().flatten()[1:]])
@@ -109,8 +132,10 @@ class _Walk:
         if e0 == e1:
             return None, None
         z = torch.zeros(u1 - u0, self.r.shape[1], dtype=torch.float64)
-        return (z.index_add_(0, self.local[e0:e1] - u0, self.coef[e0:e1, None] * self.w[self.atom[e0:e1]]),
-                self.tokens[u0:u1])
+        return (
+            z.index_add_(0, self.local[e0:e1] - u0, self.coef[e0:e1, None] * self.w[self.atom[e0:e1]]),
+            self.tokens[u0:u1],
+        )
 
     def deltas(self) -> Tensor:
         return (self.quad - 2 * self.lin) * self.scale
@@ -125,8 +150,11 @@ class _Walk:
         self.r[toks] = r - z
         self.r_sum -= z.sum(0)
         tok = self.tok[self.e_ptr[m] : self.e_ptr[m + 1]]  # every (entry of m, entry on its token) pair:
-        mine, other = self._pairs(torch.arange(int(self.e_ptr[m]), int(self.e_ptr[m + 1])), self.t_ptr[tok],
-                                  self.t_ptr[tok + 1] - self.t_ptr[tok])
+        mine, other = self._pairs(
+            torch.arange(int(self.e_ptr[m]), int(self.e_ptr[m + 1])),
+            self.t_ptr[tok],
+            self.t_ptr[tok + 1] - self.t_ptr[tok],
+        )
         self.lin.index_add_(0, self.move[self.by_token[other]], -self._gram(mine, self.by_token[other]))
         return delta
 
@@ -170,8 +198,9 @@ def _greedy(walk: _Walk, n_moves: int, bias: str) -> tuple[list[int], list[float
     return order, deltas
 
 
-def interpolation_path(small: SAEView | SAEBank, large: SAEView | SAEBank, x: Tensor,
-                       config: StitchConfig = StitchConfig()) -> StitchPath:
+def interpolation_path(
+    small: SAEView | SAEBank, large: SAEView | SAEBank, x: Tensor, config: StitchConfig = StitchConfig()
+) -> StitchPath:
     """The greedy path of moves from ``small`` to ``large`` with exact MSE and L0 at every step."""
     small, large = as_view(small, "small"), as_view(large, "large")
     x = _check_pair(small, large, x)
@@ -187,5 +216,16 @@ def interpolation_path(small: SAEView | SAEBank, large: SAEView | SAEBank, x: Te
     l0_steps = [float(freq_l[list(mv.added)].sum() - freq_s[list(mv.removed)].sum()) for mv in ordered]
     l0 = float(freq_s.sum()) + np.concatenate([[0.0], np.cumsum(l0_steps)])
     violations = np.flatnonzero(delta > config.monotone_tol * p.mse[0]) + 1
-    return StitchPath(n_latents, mse, l0, delta, ordered, p.mse[0], p.mse[1], abs(float(mse[-1]) - p.mse[1]),
-                      violations, _insertion(small, large, p, x), (n_s, n_l))
+    return StitchPath(
+        n_latents,
+        mse,
+        l0,
+        delta,
+        ordered,
+        p.mse[0],
+        p.mse[1],
+        abs(float(mse[-1]) - p.mse[1]),
+        violations,
+        _insertion(small, large, p, x),
+        (n_s, n_l),
+    )

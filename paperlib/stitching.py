@@ -63,8 +63,10 @@ class SAEView:
 
     def __post_init__(self) -> None:
         if self.W_dec.ndim != 2 or self.b_dec.shape != (self.W_dec.shape[1],):
-            raise ValueError(f"{self.name}: W_dec must be [n_latents, d_model] and b_dec [d_model], got "
-                             f"{tuple(self.W_dec.shape)} and {tuple(self.b_dec.shape)}")
+            raise ValueError(
+                f"{self.name}: W_dec must be [n_latents, d_model] and b_dec [d_model], got "
+                f"{tuple(self.W_dec.shape)} and {tuple(self.b_dec.shape)}"
+            )
         if not (torch.isfinite(self.W_dec).all() and torch.isfinite(self.b_dec).all()):
             raise ValueError(f"{self.name}: decoder has NaN/Inf entries")
 
@@ -82,15 +84,21 @@ class SAEView:
         (without it their codes would depend on how tokens are chunked)."""
         one = bank.seed(seed) if bank.n_seeds > 1 else bank
         if one.cfg.arch.inference_differs and torch.isnan(one.threshold).any():
-            raise ValueError(f"{one.cfg.architecture} SAE has no inference threshold yet (untrained?); "
-                             "train it first or set bank.threshold")
+            raise ValueError(
+                f"{one.cfg.architecture} SAE has no inference threshold yet (untrained?); "
+                "train it first or set bank.threshold"
+            )
 
         @torch.no_grad()
         def encode(x: Tensor) -> Tensor:  # on the bank's device; codes come back to the CPU
             return one.encode(x.to(one.W_dec.device, torch.float32))[0].cpu()
 
-        return cls(encode, one.W_dec.detach()[0].cpu(), one.b_dec.detach()[0].cpu(),
-                   name or f"{one.cfg.architecture} SAE ({one.cfg.n_latents} latents)")
+        return cls(
+            encode,
+            one.W_dec.detach()[0].cpu(),
+            one.b_dec.detach()[0].cpu(),
+            name or f"{one.cfg.architecture} SAE ({one.cfg.n_latents} latents)",
+        )
 
     @classmethod
     def empty(cls, d_model: int, b_dec: Tensor | None = None) -> SAEView:
@@ -105,8 +113,9 @@ def as_view(sae: SAEView | SAEBank, name: str) -> SAEView:
         return sae
     if isinstance(sae, SAEBank):
         if sae.n_seeds != 1:
-            raise ValueError(f"the {name} SAE is a bank of {sae.n_seeds} seeds; pass bank.seed(i) "
-                             "or SAEView.from_bank(bank, seed=i)")
+            raise ValueError(
+                f"the {name} SAE is a bank of {sae.n_seeds} seeds; pass bank.seed(i) or SAEView.from_bank(bank, seed=i)"
+            )
         return SAEView.from_bank(sae, name=f"{name} SAE")
     raise TypeError(f"the {name} SAE must be an SAEBank or SAEView, got {type(sae).__name__}")
 
@@ -114,8 +123,10 @@ def as_view(sae: SAEView | SAEBank, name: str) -> SAEView:
 def _check_pair(small: SAEView, large: SAEView, x: Tensor | None) -> Tensor | None:
     """Same d_model for both SAEs; ``x`` as finite float32 [N, d] on the CPU."""
     if small.d_model != large.d_model:
-        raise ValueError(f"the small SAE has d_model={small.d_model} but the large one d_model={large.d_model}; "
-                         "stitch SAEs trained on the same activations")
+        raise ValueError(
+            f"the small SAE has d_model={small.d_model} but the large one d_model={large.d_model}; "
+            "stitch SAEs trained on the same activations"
+        )
     if x is None:
         return None
     if x.ndim != 2 or x.shape[1] != small.d_model or x.shape[0] == 0:
@@ -128,8 +139,9 @@ def _check_pair(small: SAEView, large: SAEView, x: Tensor | None) -> Tensor | No
 def _codes(sae: SAEView, x: Tensor) -> Tensor:
     codes = sae.encode(x)
     if codes.shape != (x.shape[0], sae.n_latents):
-        raise ValueError(f"{sae.name}.encode returned shape {tuple(codes.shape)}, expected "
-                         f"[{x.shape[0]}, n_latents={sae.n_latents}]")
+        raise ValueError(
+            f"{sae.name}.encode returned shape {tuple(codes.shape)}, expected [{x.shape[0]}, n_latents={sae.n_latents}]"
+        )
     if not torch.isfinite(codes).all():
         raise ValueError(f"{sae.name} produced NaN/Inf codes; check its weights and the activations")
     return codes.detach()
@@ -156,8 +168,9 @@ def max_cosine(a: Tensor, b: Tensor, chunk_size: int = 4096) -> tuple[Tensor, Te
     """For each row of ``a`` [n_a, d]: the largest cosine to a row of ``b`` [n_b, d] and its index
     (zero rows have cosine 0; NaN and -1 when ``b`` is empty)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError("max_cosine needs [n_a, d] and [n_b, d] with the same d, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"max_cosine needs [n_a, d] and [n_b, d] with the same d, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if b.shape[0] == 0:
         return torch.full((a.shape[0],), float("nan")), torch.full((a.shape[0],), -1, dtype=torch.long)
     an, bn = _unit(a), _unit(b)
@@ -196,11 +209,16 @@ class Insertion:
         return float(self.novel.double().mean())
 
     def summary(self) -> dict:
-        return {"n_latents": len(self.delta_mse), "fraction_novel": self.fraction_novel,
-                "mse_small": self.mse_small, "mse_large": self.mse_large,
-                "median_max_cos_novel": float(self.max_cos[self.novel].median()) if self.novel.any() else None,
-                "median_max_cos_reconstruction": (float(self.max_cos[~self.novel].median()) if (~self.novel).any()
-                                                  else None)}
+        return {
+            "n_latents": len(self.delta_mse),
+            "fraction_novel": self.fraction_novel,
+            "mse_small": self.mse_small,
+            "mse_large": self.mse_large,
+            "median_max_cos_novel": float(self.max_cos[self.novel].median()) if self.novel.any() else None,
+            "median_max_cos_reconstruction": (
+                float(self.max_cos[~self.novel].median()) if (~self.novel).any() else None
+            ),
+        }
 
 
 @dataclass
@@ -218,9 +236,13 @@ class _Pass:
 
 def _encode_pair(small: SAEView, large: SAEView, x: Tensor, chunk_size: int, keep: bool, max_entries: int) -> _Pass:
     n, d = x.shape
-    p = _Pass(*torch.zeros(2, large.n_latents, dtype=torch.float64),
-              [torch.zeros(small.n_latents), torch.zeros(large.n_latents)], [0.0, 0.0],
-              torch.empty(n, d, dtype=torch.float64) if keep else None, ([], []))
+    p = _Pass(
+        *torch.zeros(2, large.n_latents, dtype=torch.float64),
+        [torch.zeros(small.n_latents), torch.zeros(large.n_latents)],
+        [0.0, 0.0],
+        torch.empty(n, d, dtype=torch.float64) if keep else None,
+        ([], []),
+    )
     for start in range(0, n, chunk_size):
         chunk = x[start : start + chunk_size]
         for side, sae in enumerate((small, large)):
@@ -239,8 +261,10 @@ def _encode_pair(small: SAEView, large: SAEView, x: Tensor, chunk_size: int, kee
             if keep:
                 p.entries[side].append((tok + start, lat, values))
                 if sum(len(e[0]) for part in p.entries for e in part) > max_entries:
-                    raise ValueError(f"the codes have more than max_code_entries={max_entries} non-zeros "
-                                     f"(L0 too high for {n} tokens); pass fewer tokens or raise the limit")
+                    raise ValueError(
+                        f"the codes have more than max_code_entries={max_entries} non-zeros "
+                        f"(L0 too high for {n} tokens); pass fewer tokens or raise the limit"
+                    )
     return p
 
 
@@ -251,8 +275,9 @@ def _insertion(small: SAEView, large: SAEView, p: _Pass, x: Tensor) -> Insertion
     return Insertion(delta, max_cos, closest, p.fired[1] / n, *p.mse)
 
 
-def insertion_effects(small: SAEView | SAEBank, large: SAEView | SAEBank, x: Tensor,
-                      chunk_size: int = 4096) -> Insertion:
+def insertion_effects(
+    small: SAEView | SAEBank, large: SAEView | SAEBank, x: Tensor, chunk_size: int = 4096
+) -> Insertion:
     """ΔMSE of inserting each latent of ``large`` alone into ``small``, in closed form over ``x``."""
     small, large = as_view(small, "small"), as_view(large, "large")
     x = _check_pair(small, large, x)
@@ -295,8 +320,13 @@ class StitchConfig:
             raise ValueError(f"StitchConfig.monotone_tol must be >= 0, got {self.monotone_tol!r}")
 
 
-def stitch_moves(small: SAEView | SAEBank, large: SAEView | SAEBank, threshold: float = 0.7,
-                 orphans: str = "nearest", chunk_size: int = 4096) -> list[Move]:
+def stitch_moves(
+    small: SAEView | SAEBank,
+    large: SAEView | SAEBank,
+    threshold: float = 0.7,
+    orphans: str = "nearest",
+    chunk_size: int = 4096,
+) -> list[Move]:
     """The latent moves (no bias move) from ``small`` to ``large``: components of the graph of
     decoder cosines above ``threshold``, orphans handled as ``orphans`` says."""
     StitchConfig(threshold=threshold, orphans=orphans)  # validates both
@@ -325,18 +355,28 @@ def stitch_moves(small: SAEView | SAEBank, large: SAEView | SAEBank, threshold: 
     return moves
 
 
-def stitch(small: SAEView | SAEBank, large: SAEView | SAEBank, keep: Tensor, add: Tensor,
-           bias: str = "small") -> SAEView:
+def stitch(
+    small: SAEView | SAEBank, large: SAEView | SAEBank, keep: Tensor, add: Tensor, bias: str = "small"
+) -> SAEView:
     """The stitched SAE keeping ``keep`` [n_S] bool of ``small``, adding ``add`` [n_L] bool of ``large``,
     with the decoder bias of ``bias`` ("small" or "large")."""
     small, large = as_view(small, "small"), as_view(large, "large")
     _check_pair(small, large, None)
-    if (keep.shape != (small.n_latents,) or add.shape != (large.n_latents,)
-            or keep.dtype != torch.bool or add.dtype != torch.bool):
-        raise ValueError(f"keep and add must be bool masks of shapes [{small.n_latents}] and [{large.n_latents}], "
-                         f"got {tuple(keep.shape)} {keep.dtype} and {tuple(add.shape)} {add.dtype}")
+    if (
+        keep.shape != (small.n_latents,)
+        or add.shape != (large.n_latents,)
+        or keep.dtype != torch.bool
+        or add.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"keep and add must be bool masks of shapes [{small.n_latents}] and [{large.n_latents}], "
+            f"got {tuple(keep.shape)} {keep.dtype} and {tuple(add.shape)} {add.dtype}"
+        )
     if bias not in ("small", "large"):
         raise ValueError(f"bias must be 'small' or 'large', got {bias!r}")
-    return SAEView(lambda x: torch.cat([small.encode(x)[:, keep], large.encode(x)[:, add]], 1),
-                   torch.cat([small.W_dec[keep], large.W_dec[add]]), (small if bias == "small" else large).b_dec,
-                   f"stitched SAE ({int(keep.sum())} small + {int(add.sum())} large latents)")
+    return SAEView(
+        lambda x: torch.cat([small.encode(x)[:, keep], large.encode(x)[:, add]], 1),
+        torch.cat([small.W_dec[keep], large.W_dec[add]]),
+        (small if bias == "small" else large).b_dec,
+        f"stitched SAE ({int(keep.sum())} small + {int(add.sum())} large latents)",
+    )

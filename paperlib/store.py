@@ -69,9 +69,7 @@ def jsonable(value: Any) -> Any:
 
 
 def config_key(namespace: str, config: Any) -> str:
-    payload = json.dumps(
-        {"namespace": namespace, "config": jsonable(config), "version": CACHE_VERSION}, sort_keys=True
-    )
+    payload = json.dumps({"namespace": namespace, "config": jsonable(config), "version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -117,12 +115,13 @@ class Store:
             try:
                 meta = json.loads((path / _META).read_text())
                 if not isinstance(meta, dict) or not isinstance(meta.get("meta"), dict):
-                    raise ValueError(f"{_META} is not of the form {{\"meta\": {{...}}}}")
+                    raise ValueError(f'{_META} is not of the form {{"meta": {{...}}}}')
                 return Entry(load_file(path / _TENSORS), meta["meta"], path)
             except Exception as exc:  # hashes matched but content unreadable: treat as corrupt
                 problem = f"unreadable ({exc})"
-        warnings.warn(f"cache entry {path} is corrupt: {problem}; deleting it and recomputing",
-                      stacklevel=user_stacklevel())
+        warnings.warn(
+            f"cache entry {path} is corrupt: {problem}; deleting it and recomputing", stacklevel=user_stacklevel()
+        )
         shutil.rmtree(path, ignore_errors=True)
         return None
 
@@ -134,7 +133,7 @@ class Store:
             return f"no readable manifest ({exc})"
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            return f"{_MANIFEST} is not of the form {{\"files\": {{name: sha256}}}} (got {str(manifest)[:80]})"
+            return f'{_MANIFEST} is not of the form {{"files": {{name: sha256}}}} (got {str(manifest)[:80]})'
         if set(files) != {_TENSORS, _META}:
             return "manifest lists the wrong files"
         for name, expected in files.items():
@@ -145,8 +144,9 @@ class Store:
                 return f"{name} does not match its hash"
         return None
 
-    def save(self, namespace: str, config: Any, tensors: Mapping[str, torch.Tensor],
-             meta: Mapping | None = None) -> Entry:
+    def save(
+        self, namespace: str, config: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None
+    ) -> Entry:
         """Write an entry atomically, replacing any previous entry under the same key."""
         path = self.path(namespace, config)
         path.parent.mkdir(parents=True, exist_ok=True)

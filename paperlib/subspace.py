@@ -54,8 +54,9 @@ def random_subspace_cosines(k: int, d: int, n_samples: int = 200, seed: int = 0)
     """[n_samples, k] principal cosines between pairs of independent uniformly random k-dimensional
     subspaces of R^d (Gaussian matrices orthonormalised: Haar-distributed spans)."""
     if not 1 <= k <= d or n_samples < 1:
-        raise ValueError(f"random_subspace_cosines needs 1 <= k <= d and n_samples >= 1, got k={k}, d={d}, "
-                         f"n_samples={n_samples}")
+        raise ValueError(
+            f"random_subspace_cosines needs 1 <= k <= d and n_samples >= 1, got k={k}, d={d}, n_samples={n_samples}"
+        )
     rng = np.random.default_rng(seed)
     out = np.empty((n_samples, k))
     for i in range(n_samples):
@@ -81,7 +82,7 @@ class PairAgreement:
     @property
     def overlap(self) -> float:
         """Mean squared principal cosine: 1 for equal spans, k / d expected for random ones."""
-        return float(np.mean(self.cosines ** 2)) if self.dim else float("nan")
+        return float(np.mean(self.cosines**2)) if self.dim else float("nan")
 
 
 @dataclass(frozen=True)
@@ -101,21 +102,26 @@ class SubspaceAgreement:
         return np.array([p.dim / self.d if p.dim else np.nan for p in self.pairs])
 
 
-def subspace_agreement(dictionaries, stability: LatentStability, threshold: float,
-                       max_dim: int | None = None) -> SubspaceAgreement:
+def subspace_agreement(
+    dictionaries, stability: LatentStability, threshold: float, max_dim: int | None = None
+) -> SubspaceAgreement:
     """For every pair of runs, principal cosines between the spans of the latents whose matched
     cosine in the other run is below ``threshold`` (latents left out of the matching, NaN in
     ``stability``, are not counted). ``max_dim`` caps the common dimension."""
     runs = [as_dictionary(r, f"run {i}") for i, r in enumerate(_as_runs(dictionaries))]
     if len(runs) != len(stability.cosines) or any(len(r) != len(c) for r, c in zip(runs, stability.cosines)):
-        raise ValueError("stability must come from these runs (same number of runs and widths, in their order); "
-                         "compute it with latent_stability on their pw_mcc")
+        raise ValueError(
+            "stability must come from these runs (same number of runs and widths, in their order); "
+            "compute it with latent_stability on their pw_mcc"
+        )
     d = runs[0].shape[1]
     cap = d if max_dim is None else max_dim
     pairs = []
     for i, j in combinations(range(len(runs)), 2):
-        below = (np.flatnonzero(stability.cosines[i][:, j - 1] < threshold),  # NaN compares False: left out
-                 np.flatnonzero(stability.cosines[j][:, i] < threshold))
+        below = (
+            np.flatnonzero(stability.cosines[i][:, j - 1] < threshold),  # NaN compares False: left out
+            np.flatnonzero(stability.cosines[j][:, i] < threshold),
+        )
         sides = [_right_singular(runs[r][idx]) if len(idx) else (None, 0) for r, idx in zip((i, j), below)]
         k = min(sides[0][1], sides[1][1], cap)
         cosines = principal_cosines(sides[0][0][:k], sides[1][0][:k]) if k else np.zeros(0)

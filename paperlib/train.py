@@ -121,9 +121,12 @@ class TrainConfig:
         if self.b_dec_init not in ("zeros", "mean", "median"):
             raise ValueError(f"TrainConfig.b_dec_init must be 'zeros', 'mean' or 'median', got {self.b_dec_init!r}")
         if not isinstance(self.checkpoint_fractions, (tuple, list)) or any(
-                not is_real(f) or not 0 <= f <= 1 for f in self.checkpoint_fractions):
-            raise ValueError(f"TrainConfig.checkpoint_fractions must be a tuple of numbers in [0, 1], "
-                             f"got {self.checkpoint_fractions!r}")
+            not is_real(f) or not 0 <= f <= 1 for f in self.checkpoint_fractions
+        ):
+            raise ValueError(
+                f"TrainConfig.checkpoint_fractions must be a tuple of numbers in [0, 1], "
+                f"got {self.checkpoint_fractions!r}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.checkpoint_dir is not None and not self.checkpoint_fractions:
@@ -171,8 +174,7 @@ def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.n
             codes = bank.encode(chunk)
             recon = bank.decode(codes)
         parts = {f"loss_{k}": v * len(chunk) for k, v in parts.items()}
-        parts.update(sq_err=(recon - chunk).square().sum((1, 2)), l1=codes.sum((1, 2)),
-                     l0=(codes > 0).sum((1, 2)))
+        parts.update(sq_err=(recon - chunk).square().sum((1, 2)), l1=codes.sum((1, 2)), l0=(codes > 0).sum((1, 2)))
         for name, value in parts.items():
             sums[name] = sums.get(name, 0) + value
     n = x.shape[0]
@@ -191,11 +193,15 @@ def _as_data(x, bank: SAEBank) -> Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x) if x.dtype.kind == "f" and x.dtype.isnative else torch.as_tensor(x)
     if not isinstance(x, Tensor):
-        raise ValueError(f"training data must be a torch.Tensor or numpy array [n_rows, d_model={bank.cfg.d_model}], "
-                         f"got {type(x).__name__}; convert it with torch.as_tensor")
+        raise ValueError(
+            f"training data must be a torch.Tensor or numpy array [n_rows, d_model={bank.cfg.d_model}], "
+            f"got {type(x).__name__}; convert it with torch.as_tensor"
+        )
     if not x.dtype.is_floating_point:
-        raise ValueError(f"training data must hold floating-point activations, got dtype {x.dtype}; "
-                         "pass activations (e.g. Activations.fp32()), converted with .float() if they are numbers")
+        raise ValueError(
+            f"training data must hold floating-point activations, got dtype {x.dtype}; "
+            "pass activations (e.g. Activations.fp32()), converted with .float() if they are numbers"
+        )
     if x.ndim != 2 or x.shape[1] != bank.cfg.d_model:
         raise ValueError(f"training data must be [n_rows, d_model={bank.cfg.d_model}], got {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -275,9 +281,11 @@ def train(
     bank.to(target)
     x = x.to(target, torch.float32)
     if resolve_precision(cfg.precision, x.device) == "bf16" and x.device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn(f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
-                      "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here",
-                      stacklevel=user_stacklevel())  # train directly, or through runs.trained_bank and the Store
+        warnings.warn(
+            f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
+            "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here",
+            stacklevel=user_stacklevel(),
+        )  # train directly, or through runs.trained_bank and the Store
     callbacks = dict(callbacks or {})
     # foreach: one kernel per op over all parameters; bitwise the same updates as the per-tensor loop
     # (tested), 1.3-2.4x faster on large banks. torch's fused Adam is faster still but rounds differently.
@@ -314,11 +322,18 @@ def train(
             checkpoint(0)
     # Small SAEs on the fused path: every number of their step is thread-count independent, so the
     # step runs at whichever thread count is measured fastest (paperlib.fused.step_threads).
-    fused_step = (fused.applies(bank, x) and resolve_precision(cfg.precision, x.device) == "fp32"
-                  and not bank.cfg.aux_coeff)
+    fused_step = (
+        fused.applies(bank, x) and resolve_precision(cfg.precision, x.device) == "fp32" and not bank.cfg.aux_coeff
+    )
     step_key = f"train_{bank.cfg.architecture}_{bank.n_seeds}_{bank.cfg.d_model}_{bank.cfg.n_latents}_{cfg.batch_size}"
-    for step in tqdm(range(start + 1, cfg.steps + 1), disable=not progress, desc=bank.cfg.architecture,
-                     mininterval=2, initial=start, total=cfg.steps):
+    for step in tqdm(
+        range(start + 1, cfg.steps + 1),
+        disable=not progress,
+        desc=bank.cfg.architecture,
+        mininterval=2,
+        initial=start,
+        total=cfg.steps,
+    ):
         rows = _batch_rows(step, x.shape[0], cfg)
         batch = x if rows is None else x[rows.to(x.device)]
         with fused.step_threads(step_key) if fused_step else contextlib.nullcontext():
@@ -341,13 +356,17 @@ def _warn_if_diverged(history: History, bank: SAEBank, cfg: TrainConfig) -> None
         return
     bad = np.flatnonzero((loss[-1] > DIVERGED_LOSS_RATIO * loss[0]) & (fvu[-1] > 1))
     if bad.size:
-        seeds = "; ".join(f"seed {i}: loss {loss[0][i]:.4g} -> {loss[-1][i]:.4g}, FVU {fvu[0][i]:.4g} -> "
-                          f"{fvu[-1][i]:.4g}" for i in bad)
+        seeds = "; ".join(
+            f"seed {i}: loss {loss[0][i]:.4g} -> {loss[-1][i]:.4g}, FVU {fvu[0][i]:.4g} -> {fvu[-1][i]:.4g}"
+            for i in bad
+        )
         warnings.warn(
             f"training diverged (last loss > {DIVERGED_LOSS_RATIO:g}x the first and FVU > 1, worse than predicting "
             f"the mean) at steps {int(history['step'][0])}..{int(history['step'][-1])} for {seeds}; of {bank.cfg} "
             f"with {cfg}; lower TrainConfig.lr (now {cfg.lr:g}) or add warmup_steps",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, step: int) -> None:
@@ -392,8 +411,16 @@ class _Resume:
         remove_stale_temporaries(self.path.parent, recursive=False)  # of interrupted saves, an hour old
 
     def save(self, step, scale, bank, optimizer, log, snapshots) -> None:
-        state = {"step": step, "scale": scale, "bank": bank.state_dict(), "optimizer": optimizer.state_dict(),
-                 "log": log, "snapshots": snapshots, "config": repr(bank.cfg), **self.record}
+        state = {
+            "step": step,
+            "scale": scale,
+            "bank": bank.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "log": log,
+            "snapshots": snapshots,
+            "config": repr(bank.cfg),
+            **self.record,
+        }
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -406,12 +433,15 @@ class _Resume:
         except Exception as exc:
             raise ValueError(f"cannot resume from {self.path}: unreadable ({exc}); {fix}") from exc
         if not isinstance(state, dict) or not all(k in state for k in self.record):
-            raise ValueError(f"cannot resume from {self.path}: it does not record the schedule and data it was "
-                             f"trained with (written by an older paperlib), so it may be another run; {fix}")
+            raise ValueError(
+                f"cannot resume from {self.path}: it does not record the schedule and data it was "
+                f"trained with (written by an older paperlib), so it may be another run; {fix}"
+            )
         differences = [d for part in self.record for d in _differences(part, state[part], self.record[part])]
         if differences:
-            raise ValueError(f"{self.path} holds a run of another configuration or data ({'; '.join(differences)}); "
-                             f"{fix}")
+            raise ValueError(
+                f"{self.path} holds a run of another configuration or data ({'; '.join(differences)}); {fix}"
+            )
         bank.load_state_dict(state["bank"])
         optimizer.load_state_dict(state["optimizer"])
         log.update(state["log"])
@@ -426,8 +456,11 @@ def _differences(part: str, saved, now) -> list[str]:
         return []
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return [f"{part}: checkpoint {saved!r}, now {now!r}"]
-    return [f"{part}.{k}: checkpoint {saved.get(k, 'default')!r}, now {now.get(k, 'default')!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return [
+        f"{part}.{k}: checkpoint {saved.get(k, 'default')!r}, now {now.get(k, 'default')!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
 
 
 def _to_numpy(value) -> np.ndarray:

@@ -76,8 +76,9 @@ def mean_sq_norm(x: torch.Tensor) -> float:
         raise ValueError(f"mean_sq_norm needs data of shape [n_rows, d_model], got {tuple(x.shape)}")
     value = float(x.double().square().sum(1).mean())
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"mean_sq_norm: the data must be finite and not all zero (mean squared norm {value}); "
-                         "clean it first")
+        raise ValueError(
+            f"mean_sq_norm: the data must be finite and not all zero (mean squared norm {value}); clean it first"
+        )
     return value
 
 
@@ -114,12 +115,18 @@ def zoo_config(
     if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 1 <= sparsity <= n_latents:
         raise ValueError(f"sparsity must be an integer target L0 in [1, n_latents={n_latents}], got {sparsity!r}")
     if not (isinstance(data_scale, (int, float)) and math.isfinite(data_scale) and data_scale > 0):
-        raise ValueError("data_scale must be the data's mean squared norm (> 0; use mean_sq_norm(x)), "
-                         f"got {data_scale!r}")
+        raise ValueError(
+            f"data_scale must be the data's mean squared norm (> 0; use mean_sq_norm(x)), got {data_scale!r}"
+        )
     code = math.sqrt(data_scale / sparsity)
     fields: dict = dict(
-        d_model=d_model, n_latents=n_latents, n_seeds=n_seeds, seed=seed, init_scale=rules.init_scale,
-        reconstruction="sum", decoder="free" if architecture == "relu_dnorm" else "unit",
+        d_model=d_model,
+        n_latents=n_latents,
+        n_seeds=n_seeds,
+        seed=seed,
+        init_scale=rules.init_scale,
+        reconstruction="sum",
+        decoder="free" if architecture == "relu_dnorm" else "unit",
     )
     if architecture in L1_FAMILY:
         fields["l1_coeff"] = rules.l1_coeff * code
@@ -128,8 +135,12 @@ def zoo_config(
         if architecture == "matryoshka":
             fields["groups"] = matryoshka_groups(n_latents, rules.prefix_ends, rules.min_group)
     else:  # jumprelu
-        fields.update(l0_coeff=rules.l0_coeff * data_scale, target_l0=float(sparsity),
-                      init_threshold=rules.threshold_fraction * code, bandwidth=rules.bandwidth_fraction * code)
+        fields.update(
+            l0_coeff=rules.l0_coeff * data_scale,
+            target_l0=float(sparsity),
+            init_threshold=rules.threshold_fraction * code,
+            bandwidth=rules.bandwidth_fraction * code,
+        )
     return SAEConfig(architecture, **fields)
 
 
@@ -153,8 +164,9 @@ def calibrate_l1(
     if not factor > 1:
         raise ValueError(f"calibrate_l1 needs factor > 1, got {factor!r}")
     if not isinstance(refinements, int) or refinements < 0 or not isinstance(max_pilots, int) or max_pilots < 2:
-        raise ValueError("calibrate_l1 needs refinements >= 0 and max_pilots >= 2, "
-                         f"got {refinements!r}, {max_pilots!r}")
+        raise ValueError(
+            f"calibrate_l1 needs refinements >= 0 and max_pilots >= 2, got {refinements!r}, {max_pilots!r}"
+        )
     tried: dict[float, float] = {}
 
     def probe(m: float) -> float:

@@ -34,8 +34,16 @@ class ZooRun:
     calibration: L1Calibration | None = None
 
 
-def llm_schedule(steps: int, lr: float, batch_size: int, seed: int, eval_rows: int, warmup_steps: int,
-                 decay_fraction: float = 0.2, precision: str = "auto") -> TrainConfig:
+def llm_schedule(
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    eval_rows: int,
+    warmup_steps: int,
+    decay_fraction: float = 0.2,
+    precision: str = "auto",
+) -> TrainConfig:
     """Notebooks 06-10's training schedule for SAEs on LLM activations (paper A's: warm-up, constant,
     linear decay over the last ``decay_fraction``; unit mean squared norm; b_dec at the geometric
     median; decoder snapshots at paper A's checkpoints; ``precision`` of the matmuls, see
@@ -43,24 +51,63 @@ def llm_schedule(steps: int, lr: float, batch_size: int, seed: int, eval_rows: i
     FVU is what ``convergence.last_doubling`` compares the end with (PW-MCC over training uses the
     snapshots), and each fp32 evaluation of a 06-sized bank costs ~0.5 s (measured). Same arguments,
     same cache key, in every notebook."""
-    return TrainConfig(steps=steps, lr=lr, batch_size=batch_size, log_every=max(1, round(steps / 2)), seed=seed,
-                       eval_rows=min(4096, eval_rows), warmup_steps=warmup_steps, decay_fraction=decay_fraction,
-                       normalize=True, b_dec_init="median", checkpoint_fractions=PAPER_CHECKPOINTS, precision=precision)
+    return TrainConfig(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        log_every=max(1, round(steps / 2)),
+        seed=seed,
+        eval_rows=min(4096, eval_rows),
+        warmup_steps=warmup_steps,
+        decay_fraction=decay_fraction,
+        normalize=True,
+        b_dec_init="median",
+        checkpoint_fractions=PAPER_CHECKPOINTS,
+        precision=precision,
+    )
 
 
-def rule_config(architecture: str, d_model: int, n_latents: int, sparsity: int, n_seeds: int = 1, seed: int = 0,
-                aux_coeff: float = 1 / 32) -> SAEConfig:
+def rule_config(
+    architecture: str,
+    d_model: int,
+    n_latents: int,
+    sparsity: int,
+    n_seeds: int = 1,
+    seed: int = 0,
+    aux_coeff: float = 1 / 32,
+) -> SAEConfig:
     """The zoo rule's SAEConfig on activations that training normalises (data_scale 1), with AuxK
     weight ``aux_coeff`` for the TopK family; the L1 family's coefficient is the uncalibrated one."""
-    cfg = zoo_config(architecture, d_model=d_model, n_latents=n_latents, sparsity=sparsity, data_scale=1.0,
-                     n_seeds=n_seeds, seed=seed)
+    cfg = zoo_config(
+        architecture,
+        d_model=d_model,
+        n_latents=n_latents,
+        sparsity=sparsity,
+        data_scale=1.0,
+        n_seeds=n_seeds,
+        seed=seed,
+    )
     return replace(cfg, aux_coeff=aux_coeff) if architecture in K_FAMILY else cfg
 
 
-def zoo_run(acts, architecture: str, n_latents: int, sparsity: int, schedule: TrainConfig, eval_rows: int,
-            store: Store | None = None, *, n_seeds: int = 1, seed: int = 0, aux_coeff: float = 1 / 32,
-            calibrate: bool = True, pilot_seeds: int = 1, refinements: int = 2,
-            device: str | torch.device | None = None, progress: bool = False) -> ZooRun:
+def zoo_run(
+    acts,
+    architecture: str,
+    n_latents: int,
+    sparsity: int,
+    schedule: TrainConfig,
+    eval_rows: int,
+    store: Store | None = None,
+    *,
+    n_seeds: int = 1,
+    seed: int = 0,
+    aux_coeff: float = 1 / 32,
+    calibrate: bool = True,
+    pilot_seeds: int = 1,
+    refinements: int = 2,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> ZooRun:
     """``architecture`` at target L0 ``sparsity`` trained on ``acts`` (see ``activation_run``); for
     the L1 family with ``calibrate``, its L1 coefficient first calibrated on pilot runs (same
     schedule without decoder snapshots, ``pilot_seeds`` seeds from ``seed``)."""

@@ -32,11 +32,22 @@ def tiny(tmp_path_factory):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     model_dir = root / "model"
     LlamaForCausalLM(config).save_pretrained(model_dir)
@@ -49,10 +60,18 @@ def tiny(tmp_path_factory):
 
 
 def cfg(tiny, **overrides):
-    fields = dict(model=tiny["model"], corpus=tiny["corpus"], layer=1, context_length=16, n_tokens=16 * 40,
-                  batch_contexts=3, shard_tokens=16 * 8)
+    fields = dict(
+        model=tiny["model"],
+        corpus=tiny["corpus"],
+        layer=1,
+        context_length=16,
+        n_tokens=16 * 40,
+        batch_contexts=3,
+        shard_tokens=16 * 8,
+    )
     fields.update(overrides)
     return A.ActivationConfig(**fields)
+
 
 def interrupt_extraction(config, store, forwards: int = 8) -> None:
     """Extraction of ``config`` stopped by a real Ctrl-C at the ``forwards``-th model call (with the
@@ -71,7 +90,6 @@ def interrupt_extraction(config, store, forwards: int = 8) -> None:
             A.load_activations(config, store, progress=False)
     finally:
         handle.remove()
-
 
 
 def reference_rows(config, store):
@@ -109,7 +127,7 @@ def test_packing_puts_a_separator_first_and_between_documents(tiny, tmp_path):
     assert packed.shape == (30, 8) and packed.dtype == torch.int32 and (packed[:, 0] == sep).all()
     stream = packed[:, 1:].reshape(-1).tolist()
     encoded = [tokenizer(d, add_special_tokens=False, split_special_tokens=True)["input_ids"] for d in docs]
-    assert stream[:sum(len(e) + 1 for e in encoded)] == encoded[0] + [sep] + encoded[1] + [sep] + encoded[2] + [sep]
+    assert stream[: sum(len(e) + 1 for e in encoded)] == encoded[0] + [sep] + encoded[1] + [sep] + encoded[2] + [sep]
     # the literal text "<|endoftext|>" inside a document is text, not a document boundary
     assert sep not in encoded[1] and len(encoded[1]) > 6
 
@@ -145,7 +163,7 @@ def test_extraction_matches_a_full_forward_and_round_trips(tiny, tmp_path):
     text = acts.context_text(row, window=2, mark="[]")
     decode = acts.tokenizer.decode
     token = decode(ids[5:6])
-    lead = token[:len(token) - len(token.lstrip())]
+    lead = token[: len(token) - len(token.lstrip())]
     assert text == decode(ids[3:5]) + lead + "[" + token.lstrip() + "]" + decode(ids[6:8])
     assert acts.token_text(row) == token
     with pytest.raises(IndexError, match="out of range"):
@@ -251,16 +269,19 @@ def test_next_token_loss_and_splicing(tiny, tmp_path):
         A.next_token_loss(config, tokens + 1000, store=store)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"layer": -1}, "layer must be a non-negative integer"),
-    ({"dtype": "float32"}, "dtype must be one of"),
-    ({"context_length": 1}, "context_length must be >= 2"),
-    ({"n_tokens": 10}, "less than one context"),
-    ({"shard_tokens": 8}, "shard_tokens=8 is less than one context"),
-    ({"first_position": 16}, "first_position=16 leaves no position"),
-    ({"corpus": "/no/such/corpus"}, "not an existing .txt/.jsonl file or directory"),
-    ({"corpus": "hf:"}, "names no dataset"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"layer": -1}, "layer must be a non-negative integer"),
+        ({"dtype": "float32"}, "dtype must be one of"),
+        ({"context_length": 1}, "context_length must be >= 2"),
+        ({"n_tokens": 10}, "less than one context"),
+        ({"shard_tokens": 8}, "shard_tokens=8 is less than one context"),
+        ({"first_position": 16}, "first_position=16 leaves no position"),
+        ({"corpus": "/no/such/corpus"}, "not an existing .txt/.jsonl file or directory"),
+        ({"corpus": "hf:"}, "names no dataset"),
+    ],
+)
 def test_bad_configs_are_rejected_with_the_field_named(tiny, overrides, match):
     with pytest.raises(ValueError, match=match):
         cfg(tiny, **overrides)

@@ -11,7 +11,7 @@ P = np.arange(1, 11) ** -1.0 / np.sum(np.arange(1, 11) ** -1.0)  # ten Zipfian g
 
 
 def draw(alpha: float, seeds: int, latents: int, seed: int = 0) -> np.ndarray:
-    share = P ** alpha / np.sum(P ** alpha)
+    share = P**alpha / np.sum(P**alpha)
     return np.random.default_rng(seed).choice(len(P), size=(seeds, latents), p=share)
 
 
@@ -64,11 +64,14 @@ def test_the_interval_keeps_infinite_estimates():
     assert math.isfinite(low) and high == math.inf
 
 
-@pytest.mark.parametrize("counts, p, message", [
-    ([0] * 10, P, "at least one latent"),
-    ([-1] + [1] * 9, P, "non-negative"),
-    ([1, 2, 3], np.full(3, 0.1), "different probabilities"),
-])
+@pytest.mark.parametrize(
+    "counts, p, message",
+    [
+        ([0] * 10, P, "at least one latent"),
+        ([-1] + [1] * 9, P, "non-negative"),
+        ([1, 2, 3], np.full(3, 0.1), "different probabilities"),
+    ],
+)
 def test_bad_counts_are_refused(counts, p, message):
     with pytest.raises(ValueError, match=message):
         capacity_exponent(counts, p)

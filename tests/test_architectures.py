@@ -40,8 +40,13 @@ def test_every_architecture_has_settings_here():
 def test_recovers_the_planted_organism_above_chance(architecture):
     data = sample_uniform(ORGANISM)
     bank = make(architecture, decoder="unit" if architecture != "relu_dnorm" else "free")
-    history = train(bank, data.x, TrainConfig(steps=400, lr=3e-3, batch_size=500, log_every=400), progress=False,
-                    callbacks={"gt_mcc": lambda b: gt_mcc(data.dictionary, b.decoder_directions())})
+    history = train(
+        bank,
+        data.x,
+        TrainConfig(steps=400, lr=3e-3, batch_size=500, log_every=400),
+        progress=False,
+        callbacks={"gt_mcc": lambda b: gt_mcc(data.dictionary, b.decoder_directions())},
+    )
     chance = chance_mcc(N_LATENTS, N_LATENTS, D, n_samples=100)
     assert history.final("fvu").max() < 0.5
     assert history.final("gt_mcc").min() > chance.mean + 4 * chance.std, history.final("gt_mcc")
@@ -93,8 +98,9 @@ def test_matryoshka_adds_the_nested_prefix_reconstructions():
     _, parts, codes = bank.loss(x)
     ends = Matryoshka.prefix_ends(N_LATENTS, (0.25, 0.25))
     assert ends == [3, 6, 12]
-    manual = sum(((codes[..., :m] @ bank.W_dec[:, :m] + bank.b_dec[:, None]) - x).square().mean((1, 2))
-                 for m in ends[:-1])
+    manual = sum(
+        ((codes[..., :m] @ bank.W_dec[:, :m] + bank.b_dec[:, None]) - x).square().mean((1, 2)) for m in ends[:-1]
+    )
     torch.testing.assert_close(parts["prefix_recon"], manual.detach())
 
 

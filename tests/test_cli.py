@@ -59,7 +59,11 @@ def cli(runs) -> dict[str, subprocess.CompletedProcess]:
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "paperlib", "consistency", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
         )
         for name, args in cases.items()
     }

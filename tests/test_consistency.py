@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from paperlib.consistency import (
-    PairwiseMCC, as_dictionary, bootstrap_interval, chance_mcc, frequency_decomposition, gt_mcc, match, mcc, pw_mcc,
-    run_interval, shared_latents, untrained_pw_mcc,
+    PairwiseMCC,
+    as_dictionary,
+    bootstrap_interval,
+    chance_mcc,
+    frequency_decomposition,
+    gt_mcc,
+    match,
+    mcc,
+    pw_mcc,
+    run_interval,
+    shared_latents,
+    untrained_pw_mcc,
 )
 from paperlib.sae import SAEConfig
 
@@ -220,8 +230,10 @@ def test_run_interval_covers_the_mean_of_other_seeds_at_its_level():
     covered = []
     for _ in range(2000):
         run_effect = rng.standard_normal(5)
-        values = {(i, j): run_effect[i] + run_effect[j] + 0.5 * rng.standard_normal()
-                  for i, j in itertools.combinations(range(5), 2)}
+        values = {
+            (i, j): run_effect[i] + run_effect[j] + 0.5 * rng.standard_normal()
+            for i, j in itertools.combinations(range(5), 2)
+        }
         lo, hi = run_interval(_pairwise(values))
         covered.append(lo < 0 < hi)
     assert np.mean(covered) == pytest.approx(0.95, abs=0.03)

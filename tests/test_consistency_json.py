@@ -24,8 +24,12 @@ def runs(tmp_path) -> list[str]:
     widths = (20, 24, 28)
     paths = []
     for i, n in enumerate(widths):
-        W = np.vstack([common.numpy() + 0.02 * np.random.default_rng(i).standard_normal((12, D)),
-                       _rand(n - 12, D, seed=10 + i).numpy()])
+        W = np.vstack(
+            [
+                common.numpy() + 0.02 * np.random.default_rng(i).standard_normal((12, D)),
+                _rand(n - 12, D, seed=10 + i).numpy(),
+            ]
+        )
         write = write_sparsify if i == 1 else write_saelens
         paths.append(str(write(tmp_path / f"run{i}", torch.from_numpy(W.astype(np.float32)))))
     return paths
@@ -96,17 +100,20 @@ def _rewrite(path, change) -> None:
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d.update(schema_version=2), "unknown schema_version 2; this paperlib reads version 1"),
-    (lambda d: d.update(schema_version="1"), "unknown schema_version '1'"),
-    (lambda d: d.pop("schema_version"), "unknown schema_version None"),
-    (lambda d: d.pop("pairs"), r"at \(top level\): 'pairs' is a required property"),
-    (lambda d: d["runs"][0].update(sha256="abc"), "at runs/0/sha256"),
-    (lambda d: d["pairs"][0].update(b=7), r"pair \(0, 7\) names runs outside 0..2"),
-    (lambda d: d["pairs"][0]["cosine"].pop(), "unequal lengths"),
-    (lambda d: d["stability"]["curve"].pop(), "one value per threshold"),
-    (lambda d: d["stability"]["latents"][0].pop(), "every latent of every run"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.update(schema_version=2), "unknown schema_version 2; this paperlib reads version 1"),
+        (lambda d: d.update(schema_version="1"), "unknown schema_version '1'"),
+        (lambda d: d.pop("schema_version"), "unknown schema_version None"),
+        (lambda d: d.pop("pairs"), r"at \(top level\): 'pairs' is a required property"),
+        (lambda d: d["runs"][0].update(sha256="abc"), "at runs/0/sha256"),
+        (lambda d: d["pairs"][0].update(b=7), r"pair \(0, 7\) names runs outside 0..2"),
+        (lambda d: d["pairs"][0]["cosine"].pop(), "unequal lengths"),
+        (lambda d: d["stability"]["curve"].pop(), "one value per threshold"),
+        (lambda d: d["stability"]["latents"][0].pop(), "every latent of every run"),
+    ],
+)
 def test_a_document_that_is_not_what_it_claims_is_refused(capsys, tmp_path, runs, change, message):
     _document(capsys, tmp_path, runs)
     path = tmp_path / "results" / "consistency.json"

@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from paperlib.consistency import pw_mcc
-from paperlib.convergence import (Convergence, StudyPoint, decoder_cosine_to_init, doubling_study, last_doubling,
-                                  logged_doubling, not_converged, report, study_convergence, study_doublings)
+from paperlib.convergence import (
+    Convergence,
+    StudyPoint,
+    decoder_cosine_to_init,
+    doubling_study,
+    last_doubling,
+    logged_doubling,
+    not_converged,
+    report,
+    study_convergence,
+    study_doublings,
+)
 from paperlib.runs import trained_bank
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store
@@ -16,13 +26,16 @@ from paperlib.train import TrainConfig, train
 from paperlib.zoo_runs import llm_schedule
 
 
-@pytest.mark.parametrize("pw,fvu,expected", [
-    ((0.700, 0.709), (0.200, 0.1981), True),   # +0.009, -0.95 %
-    ((0.700, 0.711), (0.200, 0.200), False),   # PW-MCC moved by 0.011
-    ((0.700, 0.689), (0.200, 0.200), False),   # a fall counts as much as a rise
-    ((0.700, 0.700), (0.200, 0.1979), False),  # FVU fell by 1.05 %
-    ((0.700, 0.700), (0.200, 0.2021), False),  # FVU rose by 1.05 %
-])
+@pytest.mark.parametrize(
+    "pw,fvu,expected",
+    [
+        ((0.700, 0.709), (0.200, 0.1981), True),  # +0.009, -0.95 %
+        ((0.700, 0.711), (0.200, 0.200), False),  # PW-MCC moved by 0.011
+        ((0.700, 0.689), (0.200, 0.200), False),  # a fall counts as much as a rise
+        ((0.700, 0.700), (0.200, 0.1979), False),  # FVU fell by 1.05 %
+        ((0.700, 0.700), (0.200, 0.2021), False),  # FVU rose by 1.05 %
+    ],
+)
 def test_the_criterion_is_an_absolute_pw_mcc_and_a_relative_fvu_change(pw, fvu, expected):
     report = Convergence((1000, 2000), pw, fvu)
     assert report.converged is expected
@@ -45,8 +58,9 @@ def data():
 
 def test_last_doubling_reads_the_half_way_snapshot_and_fvu(tmp_path):
     schedule = llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2)
-    run = trained_bank(data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), schedule, Store(tmp_path),
-                       progress=False)
+    run = trained_bank(
+        data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), schedule, Store(tmp_path), progress=False
+    )
     report = last_doubling(run, schedule)
     steps = list(run.history["step"])
     assert steps == [0, 10, 20]
@@ -58,8 +72,13 @@ def test_last_doubling_reads_the_half_way_snapshot_and_fvu(tmp_path):
 def test_logged_doubling_reads_the_callbacks_pw_mcc_at_half_the_last_step():
     bank = SAEBank(SAEConfig("topk", 8, 16, k=2, n_seeds=3))
     schedule = TrainConfig(steps=40, lr=1e-2, batch_size=64, log_every=10, eval_rows=256)
-    history = train(bank, data(), schedule, progress=False,
-                    callbacks={"pw_mcc": lambda b: [p[2] for p in pw_mcc(b.decoder_directions()).pairs]})
+    history = train(
+        bank,
+        data(),
+        schedule,
+        progress=False,
+        callbacks={"pw_mcc": lambda b: [p[2] for p in pw_mcc(b.decoder_directions()).pairs]},
+    )
     report = logged_doubling(history.columns, rows_per_step=64)
     assert report.tokens == (20 * 64, 40 * 64)
     assert report.pw_mcc == (float(np.mean(history["pw_mcc"][2])), float(np.mean(history["pw_mcc"][4])))
@@ -83,8 +102,9 @@ def test_logged_doubling_refuses_a_history_without_the_half_way_step(steps):
 def test_last_doubling_refuses_a_run_without_the_records(tmp_path):
     schedule = llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2)
     bare = replace(schedule, log_every=20, checkpoint_fractions=())
-    run = trained_bank(data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), bare, Store(tmp_path),
-                       progress=False)
+    run = trained_bank(
+        data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), bare, Store(tmp_path), progress=False
+    )
     with pytest.raises(ValueError, match="llm_schedule"):
         last_doubling(run, bare)
 
@@ -127,10 +147,14 @@ def test_study_doublings_applies_the_criterion_to_every_doubling_in_token_order(
 
 
 def test_an_untrained_decoder_is_at_cosine_one_to_its_initialisation(tmp_path):
-    schedule = replace(llm_schedule(steps=4, lr=1e-12, batch_size=64, seed=0, eval_rows=256, warmup_steps=0),
-                       normalize=False, b_dec_init="zeros")
-    run = trained_bank(data, "g", SAEConfig("relu", 8, 16, l1_coeff=1e-3, decoder="unit"), schedule, Store(tmp_path),
-                       progress=False)
+    schedule = replace(
+        llm_schedule(steps=4, lr=1e-12, batch_size=64, seed=0, eval_rows=256, warmup_steps=0),
+        normalize=False,
+        b_dec_init="zeros",
+    )
+    run = trained_bank(
+        data, "g", SAEConfig("relu", 8, 16, l1_coeff=1e-3, decoder="unit"), schedule, Store(tmp_path), progress=False
+    )
     assert decoder_cosine_to_init(run) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="step-0"):
         decoder_cosine_to_init(replace(run, checkpoints={}))
@@ -138,8 +162,9 @@ def test_an_untrained_decoder_is_at_cosine_one_to_its_initialisation(tmp_path):
 
 
 def test_a_single_seed_run_is_judged_by_fvu_alone(tmp_path):
-    schedule = replace(llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2),
-                       checkpoint_fractions=())
+    schedule = replace(
+        llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2), checkpoint_fractions=()
+    )
     run = trained_bank(data, "g", SAEConfig("topk", 8, 16, k=2), schedule, Store(tmp_path), progress=False)
     result = last_doubling(run, schedule)
     assert result.pw_mcc is None and result.pw_mcc_change is None

@@ -16,9 +16,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 ARCHITECTURES = {  # one small config per architecture of the zoo
-    "relu": dict(l1_coeff=1e-2), "relu_dnorm": dict(l1_coeff=1e-2), "gated": dict(l1_coeff=1e-2),
-    "panneal": dict(l1_coeff=1e-2), "jumprelu": dict(l0_coeff=1e-2), "topk": dict(k=3, aux_coeff=1 / 32),
-    "batchtopk": dict(k=3, aux_coeff=1 / 32), "matryoshka": dict(k=3, aux_coeff=1 / 32),
+    "relu": dict(l1_coeff=1e-2),
+    "relu_dnorm": dict(l1_coeff=1e-2),
+    "gated": dict(l1_coeff=1e-2),
+    "panneal": dict(l1_coeff=1e-2),
+    "jumprelu": dict(l0_coeff=1e-2),
+    "topk": dict(k=3, aux_coeff=1 / 32),
+    "batchtopk": dict(k=3, aux_coeff=1 / 32),
+    "matryoshka": dict(k=3, aux_coeff=1 / 32),
 }
 
 
@@ -76,8 +81,15 @@ def test_the_device_type_is_part_of_a_cached_runs_key(tmp_path):
     run = trained_bank(data, "gaussian", config("topk"), schedule(), store=store, device="cpu", progress=False)
     key = store.path("sae", {"data": "gaussian", "sae": config("topk"), "train": schedule(), "device": "cpu"}).name
     assert run.key == key
-    again = trained_bank(lambda: pytest.fail("a cached run must not load its data"), "gaussian", config("topk"),
-                         schedule(), store=store, device="auto", progress=False)
+    again = trained_bank(
+        lambda: pytest.fail("a cached run must not load its data"),
+        "gaussian",
+        config("topk"),
+        schedule(),
+        store=store,
+        device="auto",
+        progress=False,
+    )
     assert again.key == run.key  # "auto" is this machine's device: the same entry
 
 
@@ -89,10 +101,17 @@ def test_training_on_cuda_matches_the_cpu(architecture):
     histories = {dev: train(bank, data(), schedule(), progress=False, device=dev) for dev, bank in banks.items()}
     assert banks["cuda"].W_dec.device.type == "cuda"
     for name, value in banks["cpu"].state_dict().items():
-        torch.testing.assert_close(banks["cuda"].state_dict()[name].cpu(), value, rtol=1e-4, atol=1e-5,
-                                   equal_nan=True, msg=lambda m, name=name: f"{architecture} {name}: {m}")
-    torch.testing.assert_close(torch.as_tensor(histories["cuda"]["fvu"]), torch.as_tensor(histories["cpu"]["fvu"]),
-                               rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            banks["cuda"].state_dict()[name].cpu(),
+            value,
+            rtol=1e-4,
+            atol=1e-5,
+            equal_nan=True,
+            msg=lambda m, name=name: f"{architecture} {name}: {m}",
+        )
+    torch.testing.assert_close(
+        torch.as_tensor(histories["cuda"]["fvu"]), torch.as_tensor(histories["cpu"]["fvu"]), rtol=1e-4, atol=1e-6
+    )
 
 
 @needs_cuda
@@ -104,12 +123,15 @@ def test_a_cached_run_trains_on_the_gpu_by_default_and_comes_back_on_the_cpu(tmp
         seen.append(bank.W_dec.device.type)
         return 0.0
 
-    run = trained_bank(data, "gaussian", config("topk"), schedule(), store=store, progress=False,
-                       callbacks={"where": where})
+    run = trained_bank(
+        data, "gaussian", config("topk"), schedule(), store=store, progress=False, callbacks={"where": where}
+    )
     assert set(seen) == {"cuda"}
     assert run.bank.W_dec.device.type == "cpu"
-    assert run.key == store.path("sae", {"data": "gaussian", "sae": config("topk"), "train": schedule(),
-                                         "device": "cuda"}).name
+    assert (
+        run.key
+        == store.path("sae", {"data": "gaussian", "sae": config("topk"), "train": schedule(), "device": "cuda"}).name
+    )
 
 
 @needs_cuda
@@ -120,8 +142,9 @@ def test_bf16_training_on_cuda_stays_close_to_fp32():
     fvu = {}
     for precision in ("fp32", "bf16"):
         bank = SAEBank(sae)
-        fvu[precision] = train(bank, x, schedule(precision=precision, steps=40), progress=False,
-                               device="cuda")["fvu"][-1]
+        fvu[precision] = train(bank, x, schedule(precision=precision, steps=40), progress=False, device="cuda")["fvu"][
+            -1
+        ]
     torch.testing.assert_close(torch.as_tensor(fvu["bf16"]), torch.as_tensor(fvu["fp32"]), rtol=0.05, atol=0.01)
 
 
@@ -133,5 +156,11 @@ def test_the_sparse_topk_step_on_cuda_matches_the_cpu():
     for dev, bank in banks.items():
         train(bank, data(512, 16), schedule(), progress=False, device=dev)
     for name, value in banks["cpu"].state_dict().items():
-        torch.testing.assert_close(banks["cuda"].state_dict()[name].cpu(), value, rtol=1e-4, atol=1e-5,
-                                   equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            banks["cuda"].state_dict()[name].cpu(),
+            value,
+            rtol=1e-4,
+            atol=1e-5,
+            equal_nan=True,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )

@@ -66,8 +66,10 @@ def test_progress_bars_render_as_widgets_in_a_notebook_kernel():
     import nbformat
     from nbclient import NotebookClient
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import warnings\nwarnings.simplefilter('always')\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(3)): pass")])
+    source = (
+        "import warnings\nwarnings.simplefilter('always')\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(3)): pass"
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
     NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     outputs = nb.cells[0].outputs
     text = "".join(o.get("text", "") for o in outputs)

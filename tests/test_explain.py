@@ -14,10 +14,27 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from paperlib.explain import (PAPER_A_EDGES, PROMPT_VERSION, EmbeddingSimilarity, Example, ExplainPrompt,
-                              LatentExamples, LocalChat, LocalExplainer, TokenContexts, TopContexts, TopTokensExplainer,
-                              bin_scores, clean_explanation, explain_latents, explanation_cache, parse_score,
-                              random_pairs, spearman, top_contexts)
+from paperlib.explain import (
+    PAPER_A_EDGES,
+    PROMPT_VERSION,
+    EmbeddingSimilarity,
+    Example,
+    ExplainPrompt,
+    LatentExamples,
+    LocalChat,
+    LocalExplainer,
+    TokenContexts,
+    TopContexts,
+    TopTokensExplainer,
+    bin_scores,
+    clean_explanation,
+    explain_latents,
+    explanation_cache,
+    parse_score,
+    random_pairs,
+    spearman,
+    top_contexts,
+)
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store
 
@@ -150,13 +167,20 @@ def test_top_tokens_explainer_and_prompt():
     assert "- a «Paris» b\n- a «London» b\n- a «x» b\n" in user and "Marked tokens: Paris, London." in user
 
 
-@pytest.mark.parametrize("reply, expected", [
-    (" related to years and dates.\nMore text", "related to years and dates."),
-    ('**"City names"**', "City names"), ("1. Verbs in the past tense", "Verbs in the past tense"),
-    ("\n\n", ""), ("word " * 100, ("word " * 40).strip() + "…"), ("In a few words", ""),
-    ("in a few words, what do the marked tokens have in common?", ""), ("Words", "Words"),
-    ("Marked tokens: In a few words, what do the marked tokens have in common?", ""),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (" related to years and dates.\nMore text", "related to years and dates."),
+        ('**"City names"**', "City names"),
+        ("1. Verbs in the past tense", "Verbs in the past tense"),
+        ("\n\n", ""),
+        ("word " * 100, ("word " * 40).strip() + "…"),
+        ("In a few words", ""),
+        ("in a few words, what do the marked tokens have in common?", ""),
+        ("Words", "Words"),
+        ("Marked tokens: In a few words, what do the marked tokens have in common?", ""),
+    ],
+)
 def test_clean_explanation(reply, expected):
     assert clean_explanation(reply) == expected
 
@@ -165,7 +189,10 @@ def test_explain_latents_caches_per_latent_and_recomputes_changed_contexts(tmp_p
     store, explainer = Store(tmp_path), TopTokensExplainer()
     examples = [latent(0, ["a"]), latent(1, ["b"]), latent(2, ["c"])]
     assert explain_latents(explainer, examples, "run-1", store, batch_size=2) == [
-        "tokens: 'a'", "tokens: 'b'", "tokens: 'c'"]
+        "tokens: 'a'",
+        "tokens: 'b'",
+        "tokens: 'c'",
+    ]
     cache = explanation_cache(explainer, "run-1", store)
     lines = cache.path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["prompt_version"] == PROMPT_VERSION
@@ -193,11 +220,23 @@ def test_local_explainer_runs_the_packaged_model_and_batching_does_not_change_gr
         LocalChat().complete_many([[{"role": "robot", "content": "hi"}]], 4)
 
 
-@pytest.mark.parametrize("reply, score", [
-    ("7", 7), (" 8.", 8), ("Score: 6/10", 6), ("**9**", 9), ("On a scale of 1 to 10, I'd say 3.", 3),
-    ("Rating: 10", 10), ("similarity: 4.5", 4.5), ("I rate them 2 out of 10", 2), ("0", math.nan),
-    ("no idea", math.nan), ("11", math.nan), ("", math.nan),
-])
+@pytest.mark.parametrize(
+    "reply, score",
+    [
+        ("7", 7),
+        (" 8.", 8),
+        ("Score: 6/10", 6),
+        ("**9**", 9),
+        ("On a scale of 1 to 10, I'd say 3.", 3),
+        ("Rating: 10", 10),
+        ("similarity: 4.5", 4.5),
+        ("I rate them 2 out of 10", 2),
+        ("0", math.nan),
+        ("no idea", math.nan),
+        ("11", math.nan),
+        ("", math.nan),
+    ],
+)
 def test_parse_score(reply, score):
     got = parse_score(reply)
     assert (math.isnan(got) and math.isnan(score)) or got == score
@@ -205,8 +244,10 @@ def test_parse_score(reply, score):
 
 def test_embedding_similarity_with_the_packaged_model():
     sim = EmbeddingSimilarity()
-    scores = sim(["years and dates", "river names", "years and dates", ""],
-                 ["years and dates", "names of rivers", "cooking recipes", "anything"])
+    scores = sim(
+        ["years and dates", "river names", "years and dates", ""],
+        ["years and dates", "names of rivers", "cooking recipes", "anything"],
+    )
     assert scores[0] == pytest.approx(1.0, abs=1e-5)
     assert scores[1] > 0.7 > scores[2] and math.isnan(scores[3])
     with pytest.raises(ValueError, match="two equally long lists, got 1 and 2"):

@@ -24,9 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from paperlib.explain import (ChatEndpoint, ChatEndpointExplainer, EndpointConfig, EndpointError, Example,
-                              ExplainPrompt, JudgeSimilarity, LatentExamples, LocalChat, MalformedReply,
-                              PartialFailure, explain_latents, explanation_cache)
+from paperlib.explain import (
+    ChatEndpoint,
+    ChatEndpointExplainer,
+    EndpointConfig,
+    EndpointError,
+    Example,
+    ExplainPrompt,
+    JudgeSimilarity,
+    LatentExamples,
+    LocalChat,
+    MalformedReply,
+    PartialFailure,
+    explain_latents,
+    explanation_cache,
+)
 from paperlib.store import Store
 
 
@@ -50,8 +62,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def completion(self, content: str) -> None:
-        body = {"object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+        body = {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+        }
         self.reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
     def do_POST(self) -> None:
@@ -130,8 +144,9 @@ def test_unreachable_endpoint_names_the_url_after_retries():
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    client = ChatEndpoint(EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1,
-                                         backoff=0.01))
+    client = ChatEndpoint(
+        EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff=0.01)
+    )
     expected = rf"127\.0\.0\.1:{port}/v1/chat/completions failed after 2 attempts: cannot connect"
     with pytest.raises(EndpointError, match=expected):
         client.complete([{"role": "user", "content": "hi"}], 4)
@@ -142,8 +157,9 @@ def test_server_that_never_answers_times_out():
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        client = ChatEndpoint(EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout=0.3,
-                                             max_retries=1, backoff=0.01))
+        client = ChatEndpoint(
+            EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout=0.3, max_retries=1, backoff=0.01)
+        )
         start = time.monotonic()
         with pytest.raises(EndpointError, match=r"no reply within timeout=0\.3 s"):
             client.complete([{"role": "user", "content": "hi"}], 4)
@@ -156,9 +172,10 @@ def test_slow_server_times_out(server):
         client.complete([{"role": "user", "content": "hi"}], 4)
 
 
-@pytest.mark.parametrize("mode, message", [("malformed", "not a chat completion.*html"),
-                                            ("nochoices", "not a chat completion"),
-                                            ("empty", "empty reply")])
+@pytest.mark.parametrize(
+    "mode, message",
+    [("malformed", "not a chat completion.*html"), ("nochoices", "not a chat completion"), ("empty", "empty reply")],
+)
 def test_malformed_and_empty_replies_are_clear_errors_and_not_retried(server, mode, message):
     client = ChatEndpoint(endpoint(server, mode))
     with pytest.raises(MalformedReply, match=message) as info:
@@ -245,13 +262,17 @@ def test_judge_keeps_ratings_when_some_requests_fail(server, tmp_path):
 
 # ---------------------------------------------------------------- the real OpenAI-compatible server
 
+
 def _serve_python() -> str:
     python = os.environ.get("PAPERLIB_SERVE_PYTHON", sys.executable)
-    probe = subprocess.run([python, "-c", "import fastapi, uvicorn, openai, rich, transformers"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [python, "-c", "import fastapi, uvicorn, openai, rich, transformers"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
-        pytest.skip(f"`transformers serve` needs transformers[serving] (fastapi, uvicorn, openai, rich) in {python}; "
-                    "pip install them or point PAPERLIB_SERVE_PYTHON at a Python that has them")
+        pytest.skip(
+            f"`transformers serve` needs transformers[serving] (fastapi, uvicorn, openai, rich) in {python}; "
+            "pip install them or point PAPERLIB_SERVE_PYTHON at a Python that has them"
+        )
     return python
 
 
@@ -267,10 +288,26 @@ def real_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with log.open("w") as out:
-        proc = subprocess.Popen([python, "-m", "transformers.cli.transformers", "serve", model_dir,
-                                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                                 "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "transformers.cli.transformers",
+                "serve",
+                model_dir,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 240
         while True:

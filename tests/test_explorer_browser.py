@@ -28,17 +28,34 @@ IMG = '<img src=x onerror="window.__pwned = 1">'
 SCRIPT = "<script>window.__pwned = 2</script>"
 
 LATENTS: list[dict[str, Any]] = [
-    {"id": 3, "label": "Paris", "frequency": 0.01, "contexts": ["flew to «Paris» today", "in «Paris»</script><b>x</b>"],
-     "parts": [[0, 0.5], [1, 0.25]], "cosine": 0.9, "tags": ["example"],
-     "neighbours": [{"sae": "288", "latent": 7, "cos": 0.8, "label": "France"}]},
+    {
+        "id": 3,
+        "label": "Paris",
+        "frequency": 0.01,
+        "contexts": ["flew to «Paris» today", "in «Paris»</script><b>x</b>"],
+        "parts": [[0, 0.5], [1, 0.25]],
+        "cosine": 0.9,
+        "tags": ["example"],
+        "neighbours": [{"sae": "288", "latent": 7, "cos": 0.8, "label": "France"}],
+    },
     {"id": 5, "label": "the", "frequency": 0.2, "contexts": [f"{IMG} «the» end"], "parts": [[1, 0.75]]},
-    {"id": 12, "label": "Rome", "frequency": 0.005, "contexts": [f"«Rome» wasn't {SCRIPT} built"],
-     "parts": [[0, 0.4]], "tags": ["city"]},
+    {
+        "id": 12,
+        "label": "Rome",
+        "frequency": 0.005,
+        "contexts": [f"«Rome» wasn't {SCRIPT} built"],
+        "parts": [[0, 0.4]],
+        "tags": ["city"],
+    },
     {"id": 40, "label": "<i>of</i>", "frequency": 0.125, "contexts": []},
 ]
 META: dict[int, dict[str, Any]] = {
-    0: {"label": "cities", "frequency": 0.02, "members": [[3, 0.5, "Paris"], [12, 0.4, "Rome"], [99, 0.1, "gone"]],
-        "neighbours": [{"sae": "1536", "latent": 21, "cos": 0.7, "label": "capitals"}]},
+    0: {
+        "label": "cities",
+        "frequency": 0.02,
+        "members": [[3, 0.5, "Paris"], [12, 0.4, "Rome"], [99, 0.1, "gone"]],
+        "neighbours": [{"sae": "1536", "latent": 21, "cos": 0.7, "label": "capitals"}],
+    },
     1: {"label": "<u>function words</u>", "frequency": 0.5, "members": [[5, 0.75, "the"], [3, 0.25, "Paris"]]},
 }
 # What the page's list shows for LATENTS: "id · label · frequency as a percentage, 3 significant digits".
@@ -156,18 +173,22 @@ def test_selecting_a_latent_shows_its_details(page: Page) -> None:
     assert main.locator(".ctx").all_inner_texts() == [f"{IMG} the end"]
     assert main.locator(".ctx mark").all_inner_texts() == ["the"]  # the activating token, between « and »
     assert _rows(page, "decomposition into meta-latents") == [
-        ["#1", "0.750", "<u>function words</u>", "50.0% of latents"]]
+        ["#1", "0.750", "<u>function words</u>", "50.0% of latents"]
+    ]
     assert main.locator("h2").all_inner_texts() == ["decomposition into meta-latents", "top contexts (held-out tokens)"]
 
     page.locator("#filter").fill("a")  # select from a filtered list
     page.locator("#list > div", has_text="3 · Paris").click()
     assert _heading(page) == ("latent 3: Paris", ["example"])
     assert main.locator(".note").inner_text() == (
-        "fires on 1.00% of held-out tokens; meta-SAE reconstruction cosine 0.900")
+        "fires on 1.00% of held-out tokens; meta-SAE reconstruction cosine 0.900"
+    )
     assert main.locator(".ctx").all_inner_texts() == ["flew to Paris today", "in Paris</script><b>x</b>"]
     assert main.locator(".ctx mark").all_inner_texts() == ["Paris", "Paris"]
     assert _rows(page, "decomposition into meta-latents") == [
-        ["#0", "0.500", "cities", "2.00% of latents"], ["#1", "0.250", "<u>function words</u>", "50.0% of latents"]]
+        ["#0", "0.500", "cities", "2.00% of latents"],
+        ["#1", "0.250", "<u>function words</u>", "50.0% of latents"],
+    ]
     assert _rows(page, "nearest latents in other SAEs (decoder cosine)") == [["288", "7", "0.800", "France"]]
 
     page.locator("#filter").fill("")
@@ -183,8 +204,11 @@ def test_meta_latent_shows_the_latents_that_use_it(page: Page) -> None:
     main.locator("a", has_text="#0").click()  # from latent 3, shown first
     assert _heading(page) == ("meta-latent 0: cities", [])
     assert main.locator(".note").inner_text() == "fires on 2.00% of the latents"
-    assert _rows(page, "latents that use it most") == [["3", "0.500", "Paris"], ["12", "0.400", "Rome"],
-                                                       ["99", "0.100", "gone"]]
+    assert _rows(page, "latents that use it most") == [
+        ["3", "0.500", "Paris"],
+        ["12", "0.400", "Rome"],
+        ["99", "0.100", "gone"],
+    ]
     assert main.locator("td a").all_inner_texts() == ["3", "12"]  # 99 is not on the page: plain text, no link
     assert _rows(page, "nearest latents of SAEs (decoder cosine)") == [["1536", "21", "0.700", "capitals"]]
 
@@ -214,9 +238,11 @@ def test_text_from_the_data_is_never_markup(page: Page) -> None:
 
 
 def test_comment_and_script_tags_in_data_leave_the_page_working(browser: Browser, tmp_path: Path) -> None:
-    """"<!--<script>" in the inline JSON once made the HTML parser swallow the page's own script: a blank page."""
-    latents = [{"id": 1, "label": "<!--<script>", "frequency": 0.5, "contexts": ["a <!-- «b» <script> c"]},
-               {"id": 2, "label": "</script> <!--", "frequency": 0.25, "contexts": []}]  # no "-->": it ends the swallow
+    """ "<!--<script>" in the inline JSON once made the HTML parser swallow the page's own script: a blank page."""
+    latents = [
+        {"id": 1, "label": "<!--<script>", "frequency": 0.5, "contexts": ["a <!-- «b» <script> c"]},
+        {"id": 2, "label": "</script> <!--", "frequency": 0.25, "contexts": []},
+    ]  # no "-->": it ends the swallow
     path = write_explorer(tmp_path / "comment.html", "<!--", "<script>", latents)
     errors: list[str] = []
     page = _open(browser, path, errors)

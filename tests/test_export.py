@@ -23,15 +23,38 @@ JUMPRELU = {**STANDARD, "threshold": (N,)}
 GATED = {"W_enc": (D, N), "W_dec": (N, D), "b_dec": (D,), "b_gate": (N,), "b_mag": (N,), "r_mag": (N,)}
 # paperlib architecture -> (SAELens cfg.json architecture, state dict of that inference class)
 SAELENS = {
-    "relu": ("standard", STANDARD), "relu_dnorm": ("standard", STANDARD), "panneal": ("standard", STANDARD),
-    "topk": ("topk", STANDARD), "jumprelu": ("jumprelu", JUMPRELU), "batchtopk": ("jumprelu", JUMPRELU),
-    "matryoshka": ("jumprelu", JUMPRELU), "gated": ("gated", GATED),
+    "relu": ("standard", STANDARD),
+    "relu_dnorm": ("standard", STANDARD),
+    "panneal": ("standard", STANDARD),
+    "topk": ("topk", STANDARD),
+    "jumprelu": ("jumprelu", JUMPRELU),
+    "batchtopk": ("jumprelu", JUMPRELU),
+    "matryoshka": ("jumprelu", JUMPRELU),
+    "gated": ("gated", GATED),
 }
-SAELENS_CFG = {"d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
-               "reshape_activations", "metadata", "architecture"}
+SAELENS_CFG = {
+    "d_in",
+    "d_sae",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "metadata",
+    "architecture",
+}
 SPARSIFY = {"encoder.weight": (N, D), "encoder.bias": (N,), "W_dec": (N, D), "b_dec": (D,)}
-SPARSIFY_CFG = {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k", "multi_topk",
-                "skip_connection", "transcode", "d_in"}
+SPARSIFY_CFG = {
+    "activation",
+    "expansion_factor",
+    "normalize_decoder",
+    "num_latents",
+    "k",
+    "multi_topk",
+    "skip_connection",
+    "transcode",
+    "d_in",
+}
 
 
 def _bank(architecture: str, n_seeds: int = 2, dtype=torch.float32) -> SAEBank:
@@ -81,7 +104,10 @@ def test_saelens_export_has_exactly_the_inference_class_tensors_and_config(tmp_p
         assert set(cfg) == SAELENS_CFG | topk_fields
         assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (expected_arch, D, N, "float32")
         assert (cfg["apply_b_dec_to_input"], cfg["normalize_activations"], cfg["reshape_activations"]) == (
-            True, "none", "none")
+            True,
+            "none",
+            "none",
+        )
         if topk_fields:
             assert (cfg["k"], cfg["rescale_acts_by_decoder_norm"]) == (K, False)
         meta = cfg["metadata"]
@@ -123,8 +149,10 @@ def test_save_sae_keeps_a_float64_bank_in_float64(tmp_path):
 
 def test_exports_are_read_by_read_decoder_but_not_by_load_sae(tmp_path):
     bank = _bank("gated")
-    for layout, path in (("saelens", export_sae(bank, tmp_path / "sl")[1]),
-                         ("sparsify", export_sae(_bank("topk"), tmp_path / "sp", layout="sparsify")[1])):
+    for layout, path in (
+        ("saelens", export_sae(bank, tmp_path / "sl")[1]),
+        ("sparsify", export_sae(_bank("topk"), tmp_path / "sp", layout="sparsify")[1]),
+    ):
         dec = read_decoder(path)
         assert dec.layout == layout and dec.W_dec.shape == (N, D) and dec.W_enc.shape == (D, N)
     assert np.array_equal(read_decoder(tmp_path / "sl" / "seed_1").W_dec, bank.W_dec[1].detach().numpy())
@@ -142,10 +170,13 @@ def test_export_single_writes_into_the_directory_and_refuses_a_bank(tmp_path):
 # ------------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("paperlib", "unknown export layout 'paperlib'.*save_sae writes paperlib's own layout"),
-    ("SAELens", "unknown export layout 'SAELens': choose 'saelens'.*or 'sparsify'"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("paperlib", "unknown export layout 'paperlib'.*save_sae writes paperlib's own layout"),
+        ("SAELens", "unknown export layout 'SAELens': choose 'saelens'.*or 'sparsify'"),
+    ],
+)
 def test_unknown_layout(tmp_path, layout, message):
     with pytest.raises(ValueError, match=message):
         export_sae(_bank("relu"), tmp_path, layout=layout)

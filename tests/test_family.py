@@ -12,8 +12,19 @@ import torch
 
 from paperlib.explorer import write_explorer
 from paperlib.family import (
-    FamilyConfig, MemoryActivations, auc, cached_insertion, cached_path, cached_top_contexts, cross_seed_similarity,
-    novel_fraction, partial_rank_correlation, rank_correlation, path_from_tensors, path_tensors, top_tokens,
+    FamilyConfig,
+    MemoryActivations,
+    auc,
+    cached_insertion,
+    cached_path,
+    cached_top_contexts,
+    cross_seed_similarity,
+    novel_fraction,
+    partial_rank_correlation,
+    rank_correlation,
+    path_from_tensors,
+    path_tensors,
+    top_tokens,
     train_family,
 )
 from paperlib.organism import UniformOrganism, sample_uniform
@@ -64,11 +75,15 @@ def test_config_rejects_bad_input_by_name():
 def test_each_width_follows_the_zoo_rule_of_notebook_06_with_its_own_seed():
     config = FamilyConfig("batchtopk", widths=(288, 576, 1152, 2304), sparsity=32, seed=42, bridge_width=1152)
     bridge = config.sae_config(1152, 576)
-    assert bridge == replace(zoo_config("batchtopk", d_model=576, n_latents=1152, sparsity=32, data_scale=1.0,
-                                        n_seeds=3, seed=42), aux_coeff=1 / 32)  # 06's run: a cache hit
+    assert bridge == replace(
+        zoo_config("batchtopk", d_model=576, n_latents=1152, sparsity=32, data_scale=1.0, n_seeds=3, seed=42),
+        aux_coeff=1 / 32,
+    )  # 06's run: a cache hit
     relu = FamilyConfig("relu", widths=(288, 576), sparsity=32).sae_config(576, 576)
-    assert relu.aux_coeff == 0 and relu.l1_coeff == zoo_config("relu", d_model=576, n_latents=576, sparsity=32,
-                                                               data_scale=1.0).l1_coeff
+    assert (
+        relu.aux_coeff == 0
+        and relu.l1_coeff == zoo_config("relu", d_model=576, n_latents=576, sparsity=32, data_scale=1.0).l1_coeff
+    )
     seeds = [config.member_seed(w) + i for w in config.widths for i in range(config.n_seeds(w))]
     assert len(set(seeds)) == len(seeds), seeds
     schedule = llm_schedule(steps=800, lr=1e-3, batch_size=1024, seed=42, eval_rows=16384, warmup_steps=50)
@@ -79,8 +94,9 @@ def test_each_width_follows_the_zoo_rule_of_notebook_06_with_its_own_seed():
 
 def test_distinct_seeds_avoid_shared_initial_dictionaries():
     # Same seed, two widths: the smaller initial dictionary is a prefix of the larger one.
-    small, large = (SAEBank(zoo_config("relu", d_model=D, n_latents=n, sparsity=2, data_scale=1.0, seed=3))
-                    for n in (16, 32))
+    small, large = (
+        SAEBank(zoo_config("relu", d_model=D, n_latents=n, sparsity=2, data_scale=1.0, seed=3)) for n in (16, 32)
+    )
     assert torch.equal(small.W_dec[0], large.W_dec[0, :16])
     config = FamilyConfig("relu", widths=(16, 32), sparsity=2, seed=3)
     a, b = (SAEBank(config.sae_config(w, D)) for w in config.widths)
@@ -90,8 +106,13 @@ def test_distinct_seeds_avoid_shared_initial_dictionaries():
 def test_train_family_reuses_the_cache_and_marks_dead_latents(family, acts, store):
     assert family.run(16).bank.n_seeds == 2 and family.run(8).bank.n_seeds == 1
     assert sorted(family.run(16).checkpoints) and not family.run(32).checkpoints
-    again = train_family(acts, family.config, llm_schedule(steps=60, lr=3e-3, batch_size=200, seed=7, eval_rows=200,
-                                                           warmup_steps=5), eval_rows=200, store=store)
+    again = train_family(
+        acts,
+        family.config,
+        llm_schedule(steps=60, lr=3e-3, batch_size=200, seed=7, eval_rows=200, warmup_steps=5),
+        eval_rows=200,
+        store=store,
+    )
     for w in family.widths:
         assert again.runs[w].key == family.runs[w].key
         assert torch.equal(again.runs[w].bank.W_dec, family.runs[w].bank.W_dec)
@@ -160,10 +181,19 @@ def test_memory_activations_reject_bad_input():
 
 
 def test_explorer_is_self_contained_and_escapes_text(tmp_path):
-    latents = [{"id": 3, "label": "Paris", "frequency": 0.01, "contexts": ["in «Paris»</script><b>x</b>"],
-                "parts": [[0, 0.5]], "cosine": 0.9, "tags": ["example"],
-                "neighbours": [{"sae": "288", "latent": 7, "cos": 0.8, "label": "France"}]},
-               {"id": 5, "label": "the", "frequency": 0.2, "contexts": []}]
+    latents = [
+        {
+            "id": 3,
+            "label": "Paris",
+            "frequency": 0.01,
+            "contexts": ["in «Paris»</script><b>x</b>"],
+            "parts": [[0, 0.5]],
+            "cosine": 0.9,
+            "tags": ["example"],
+            "neighbours": [{"sae": "288", "latent": 7, "cos": 0.8, "label": "France"}],
+        },
+        {"id": 5, "label": "the", "frequency": 0.2, "contexts": []},
+    ]
     meta = {0: {"label": "cities", "frequency": 0.02, "members": [[3, 0.5, "Paris"]]}}
     path = write_explorer(tmp_path / "x.html", "Explorer <test>", "notes", latents, meta)
     page = path.read_text()
@@ -197,7 +227,7 @@ def test_cross_seed_similarity_and_rank_correlation():
     mcc = {(i, j): value for i, j, value in pw.pairs}
     assert sim[0].mean() == pytest.approx((mcc[0, 1] + mcc[0, 2]) / 2)  # run 0: its pairs with runs 1 and 2
     x = np.arange(50.0)
-    rho, lo, hi = rank_correlation(x, x ** 3)
+    rho, lo, hi = rank_correlation(x, x**3)
     assert rho == pytest.approx(1.0) and lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
     rho, lo, hi = rank_correlation(x, -x + 0.01 * np.sin(x))
     assert rho == pytest.approx(-1.0) and lo <= hi

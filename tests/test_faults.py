@@ -46,13 +46,16 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------- 1. resuming only the same run
-@pytest.mark.parametrize("change,field", [
-    ({"lr": 3e-3}, "train.lr"),
-    ({"steps": 8}, "train.steps"),
-    ({"batch_size": 100}, "train.batch_size"),
-    ({"data": True}, "data.sha256"),
-    ({"rows": 500}, "data.shape"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"lr": 3e-3}, "train.lr"),
+        ({"steps": 8}, "train.steps"),
+        ({"batch_size": 100}, "train.batch_size"),
+        ({"data": True}, "data.sha256"),
+        ({"rows": 500}, "data.shape"),
+    ],
+)
 def test_a_checkpoint_of_another_schedule_or_data_is_refused(tmp_path, change, field):
     x = sample_uniform(ORGANISM).x
     base = dict(steps=4, lr=1e-3, log_every=2, checkpoint_fractions=(1.0,), checkpoint_dir=str(tmp_path / "run"))
@@ -118,10 +121,14 @@ def test_activation_manifest_of_the_wrong_shape_or_edited_is_reextracted(tiny, t
     reference, scale = good.x.clone(), good.scale
     file = good.path / "manifest.json"
     manifest = json.loads(file.read_text())
-    edits = {"list": [], "null": None, "no_plan": {**manifest, "plan": []},
-             "bad_shards": {**manifest, "plan": {**manifest["plan"], "shards": [[0, 1]]}},
-             "scale": {**manifest, "scale": manifest["scale"] * 2},
-             "sumsq": {**manifest, "done": {**manifest["done"], "0": {**manifest["done"]["0"], "sumsq": 1.0}}}}
+    edits = {
+        "list": [],
+        "null": None,
+        "no_plan": {**manifest, "plan": []},
+        "bad_shards": {**manifest, "plan": {**manifest["plan"], "shards": [[0, 1]]}},
+        "scale": {**manifest, "scale": manifest["scale"] * 2},
+        "sumsq": {**manifest, "done": {**manifest["done"], "0": {**manifest["done"]["0"], "sumsq": 1.0}}},
+    }
     file.write_text("{not json" if damage == "not_json" else json.dumps(edits[damage]))
     del good
     with pytest.warns(UserWarning, match="manifest.json") as record:
@@ -192,8 +199,12 @@ def test_cuda_without_cuda_is_refused_up_front_everywhere(capsys, tmp_path, monk
     with pytest.raises(ValueError, match=r"device='cuda': cuda is not available on this machine; use device='cpu'"):
         resolve_device("cuda")
     small = np.eye(4)
-    for call in (lambda: match(small, small, device="cuda"), lambda: pw_mcc([small, small], device="cuda"),
-                 lambda: chance_mcc(4, 4, 4, 1, device="cuda"), lambda: sparse_match(small, small, device="cuda")):
+    for call in (
+        lambda: match(small, small, device="cuda"),
+        lambda: pw_mcc([small, small], device="cuda"),
+        lambda: chance_mcc(4, 4, 4, 1, device="cuda"),
+        lambda: sparse_match(small, small, device="cuda"),
+    ):
         with pytest.raises(ValueError, match="cuda is not available"):
             call()
     assert str(resolve_device("auto")) == str(resolve_device(None)) == "cpu"
@@ -225,8 +236,10 @@ def test_chance_level_is_the_mean_over_pairs_whatever_the_order(capsys, widths):
         assert code == 0
         chances.append(json.loads(out)["chance"])
     assert chances[0] == chances[1] == chances[2]
-    per_pair = [chance_mcc(min(a, b), max(a, b), 8, 2).mean
-                for a, b in [(16, 16), (16, 24), (16, 40), (16, 24), (16, 40), (24, 40)]]
+    per_pair = [
+        chance_mcc(min(a, b), max(a, b), 8, 2).mean
+        for a, b in [(16, 16), (16, 24), (16, 40), (16, 24), (16, 40), (24, 40)]
+    ]
     assert chances[0]["mean"] == pytest.approx(np.mean(per_pair), abs=1e-12)
     assert chance_pw_mcc([16, 24, 40], 8, 2).mean == pytest.approx(chance_pw_mcc([40, 16, 24], 8, 2).mean, abs=0)
     code, out, _ = _run(capsys, "consistency", *(widths[w] for w in orders[1]), "--chance-samples", "2")
@@ -279,30 +292,36 @@ def test_cli_reports_zero_rows_and_can_drop_them(capsys, tmp_path):
 
 
 # -------------------------------------------------------------------- 7. bad training inputs
-@pytest.mark.parametrize("fields,message", [
-    ({"k": True}, r"needs 1 <= k <= n_latents=12, got k=True"),
-    ({"d_model": True}, "SAEConfig.d_model must be a positive integer, got True"),
-    ({"aux_k": -1}, r"SAEConfig.aux_k must be a positive integer or None"),
-    ({"aux_k": True}, r"SAEConfig.aux_k must be a positive integer or None"),
-    ({"l1_coeff": "1e-3"}, "SAEConfig.l1_coeff must be a finite number, got '1e-3'"),
-    ({"init_scale": float("inf")}, "SAEConfig.init_scale must be a finite number"),
-    ({"seed": 1.5}, "SAEConfig.seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"k": True}, r"needs 1 <= k <= n_latents=12, got k=True"),
+        ({"d_model": True}, "SAEConfig.d_model must be a positive integer, got True"),
+        ({"aux_k": -1}, r"SAEConfig.aux_k must be a positive integer or None"),
+        ({"aux_k": True}, r"SAEConfig.aux_k must be a positive integer or None"),
+        ({"l1_coeff": "1e-3"}, "SAEConfig.l1_coeff must be a finite number, got '1e-3'"),
+        ({"init_scale": float("inf")}, "SAEConfig.init_scale must be a finite number"),
+        ({"seed": 1.5}, "SAEConfig.seed must be an integer"),
+    ],
+)
 def test_bad_sae_config_fields_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         SAEConfig("topk", **{**dict(d_model=8, n_latents=12, k=2), **fields})
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"steps": True}, "TrainConfig.steps must be a positive integer, got True"),
-    ({"batch_size": True}, "TrainConfig.batch_size must be a positive integer or None"),
-    ({"lr": "1e-3"}, r"TrainConfig.lr must be a positive finite number \(e.g. 1e-3\), got '1e-3'"),
-    ({"lr": float("inf")}, "TrainConfig.lr must be a positive finite number"),
-    ({"seed": False}, "TrainConfig.seed must be an integer"),
-    ({"normalize": 1}, "TrainConfig.normalize must be True or False"),
-    ({"decay_fraction": "0.1"}, "TrainConfig.decay_fraction must be a number"),
-    ({"checkpoint_fractions": ("0.5",)}, "TrainConfig.checkpoint_fractions must be a tuple of numbers"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"steps": True}, "TrainConfig.steps must be a positive integer, got True"),
+        ({"batch_size": True}, "TrainConfig.batch_size must be a positive integer or None"),
+        ({"lr": "1e-3"}, r"TrainConfig.lr must be a positive finite number \(e.g. 1e-3\), got '1e-3'"),
+        ({"lr": float("inf")}, "TrainConfig.lr must be a positive finite number"),
+        ({"seed": False}, "TrainConfig.seed must be an integer"),
+        ({"normalize": 1}, "TrainConfig.normalize must be True or False"),
+        ({"decay_fraction": "0.1"}, "TrainConfig.decay_fraction must be a number"),
+        ({"checkpoint_fractions": ("0.5",)}, "TrainConfig.checkpoint_fractions must be a tuple of numbers"),
+    ],
+)
 def test_bad_train_config_fields_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{"steps": 10, **fields})
@@ -356,8 +375,11 @@ def test_temporaries_are_recognisable_and_stale_ones_are_removed(capsys, tmp_pat
     assert info["temporaries"]["count"] == 4 and info["temporaries"]["stale"] == 3
     assert info["namespaces"][0]["entries"] == 1
     code, out, _ = _run(capsys, "cache", "info")
-    assert re.search(r"temporary files of interrupted writes: 4 .* 3 older than 60 min; `python -m paperlib "
-                     r"cache clean`", out)
+    assert re.search(
+        r"temporary files of interrupted writes: 4 .* 3 older than 60 min; `python -m paperlib "
+        r"cache clean`",
+        out,
+    )
     code, out, _ = _run(capsys, "cache", "clean")
     assert code == 0 and "removed 3 temporary file(s)" in out
     assert fresh.exists() and keep.exists() and not any(p.exists() for p in (orphan_file, orphan_dir, legacy))

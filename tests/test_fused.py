@@ -12,8 +12,18 @@ from paperlib.train import TrainConfig, train
 def perturbed_bank(architecture="topk", d=5, n=7, k=2, seeds=3, **overrides):
     """Odd sizes (padding inside the kernel), non-zero biases, L1 on."""
     torch.manual_seed(0)
-    bank = SAEBank(SAEConfig(architecture, d, n, k=k if architecture == "topk" else None, l1_coeff=1e-2,
-                             n_seeds=seeds, seed=3, **overrides))
+    bank = SAEBank(
+        SAEConfig(
+            architecture,
+            d,
+            n,
+            k=k if architecture == "topk" else None,
+            l1_coeff=1e-2,
+            n_seeds=seeds,
+            seed=3,
+            **overrides,
+        )
+    )
     with torch.no_grad():
         for p in bank.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -29,8 +39,9 @@ def both_paths(bank, x, monkeypatch):
     return on, bank.loss_and_grads(x, n_rows=x.shape[0])
 
 
-@pytest.mark.parametrize("architecture,k,reconstruction", [("relu", None, "mean"), ("topk", 2, "mean"),
-                                                            ("topk", 6, "sum")])
+@pytest.mark.parametrize(
+    "architecture,k,reconstruction", [("relu", None, "mean"), ("topk", 2, "mean"), ("topk", 6, "sum")]
+)
 def test_fused_step_equals_the_torch_path(architecture, k, reconstruction, monkeypatch):
     bank = perturbed_bank(architecture, k=k, reconstruction=reconstruction)
     x = torch.randn(2 * 2048 + 17, 5)  # two full kernel chunks and a ragged tail

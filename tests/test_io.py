@@ -91,8 +91,15 @@ def write_saelens(path, W_dec, dtype=torch.float32):
     path.mkdir(parents=True)
     tensors = {"W_enc": W_dec.T.contiguous(), "b_enc": torch.zeros(n), "W_dec": W_dec, "b_dec": torch.zeros(d)}
     save_file({k: v.to(dtype) for k, v in tensors.items()}, path / "sae_weights.safetensors")
-    cfg = {"architecture": "standard", "d_in": d, "d_sae": n, "dtype": "float32", "apply_b_dec_to_input": True,
-           "hook_name": "blocks.0.hook_resid_post", "normalize_activations": "none"}
+    cfg = {
+        "architecture": "standard",
+        "d_in": d,
+        "d_sae": n,
+        "dtype": "float32",
+        "apply_b_dec_to_input": True,
+        "hook_name": "blocks.0.hook_resid_post",
+        "normalize_activations": "none",
+    }
     (path / "cfg.json").write_text(json.dumps(cfg))
     return path
 
@@ -103,8 +110,17 @@ def write_sparsify(path, W_dec):
     path.mkdir(parents=True)
     state = {"encoder.weight": W_dec.clone(), "encoder.bias": torch.zeros(n), "W_dec": W_dec, "b_dec": torch.zeros(d)}
     save_file(state, path / "sae.safetensors")
-    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": n, "k": 4,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": 32,
+        "normalize_decoder": True,
+        "num_latents": n,
+        "k": 4,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": d,
+    }
     (path / "cfg.json").write_text(json.dumps(cfg))
     return path
 
@@ -128,8 +144,16 @@ def write_dictionary_learning(path, state: dict, dict_class: str, d: int, n: int
     path.mkdir(parents=True)
     torch.save(state, path / "ae.pt")
     if config:
-        trainer = {"trainer_class": "TopKTrainer", "dict_class": dict_class, "activation_dim": d, "dict_size": n,
-                   "k": 4, "lr": 1e-3, "layer": 3, "lm_name": "EleutherAI/pythia-70m-deduped"}
+        trainer = {
+            "trainer_class": "TopKTrainer",
+            "dict_class": dict_class,
+            "activation_dim": d,
+            "dict_size": n,
+            "k": 4,
+            "lr": 1e-3,
+            "layer": 3,
+            "lm_name": "EleutherAI/pythia-70m-deduped",
+        }
         (path / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {"d_submodule": d}}))
     return path / "ae.pt"
 
@@ -177,10 +201,20 @@ def test_reads_dictionary_learning_topk_module(tmp_path, dict_class):
 
 def test_reads_dictionary_learning_autoencoder_and_gated(tmp_path):
     W = _rand(N, D, seed=3)
-    standard = {"bias": torch.zeros(D), "encoder.weight": W.clone(), "encoder.bias": torch.zeros(N),
-                "decoder.weight": W.T.contiguous()}
-    gated = {"decoder_bias": torch.zeros(D), "encoder.weight": W.clone(), "r_mag": torch.zeros(N),
-             "gate_bias": torch.zeros(N), "mag_bias": torch.zeros(N), "decoder.weight": W.T.contiguous()}
+    standard = {
+        "bias": torch.zeros(D),
+        "encoder.weight": W.clone(),
+        "encoder.bias": torch.zeros(N),
+        "decoder.weight": W.T.contiguous(),
+    }
+    gated = {
+        "decoder_bias": torch.zeros(D),
+        "encoder.weight": W.clone(),
+        "r_mag": torch.zeros(N),
+        "gate_bias": torch.zeros(N),
+        "mag_bias": torch.zeros(N),
+        "decoder.weight": W.T.contiguous(),
+    }
     for name, state in (("standard", standard), ("gated", gated)):
         ae = write_dictionary_learning(tmp_path / name, state, "AutoEncoder", D, N, config=False)
         assert np.array_equal(read_decoder(ae).W_dec, W.numpy())
@@ -188,8 +222,13 @@ def test_reads_dictionary_learning_autoencoder_and_gated(tmp_path):
 
 def test_reads_dictionary_learning_jumprelu_parameters(tmp_path):
     W = _rand(N, D, seed=4)
-    state = {"W_enc": W.T.contiguous(), "b_enc": torch.zeros(N), "W_dec": W, "b_dec": torch.zeros(D),
-             "threshold": torch.full((N,), 1e-3)}
+    state = {
+        "W_enc": W.T.contiguous(),
+        "b_enc": torch.zeros(N),
+        "W_dec": W,
+        "b_dec": torch.zeros(D),
+        "threshold": torch.full((N,), 1e-3),
+    }
     dec = read_decoder(write_dictionary_learning(tmp_path / "jr", state, "JumpReluAutoEncoder", D, N))
     assert np.array_equal(dec.W_dec, W.numpy()) and np.array_equal(dec.W_enc, W.T.numpy())
 
@@ -198,8 +237,9 @@ def test_square_dictionary_follows_each_class_convention(tmp_path):
     """d == n: shapes cannot tell the orientation, the parameter's name (nn.Linear vs W_dec) does."""
     W = _rand(D, D, seed=5)  # not symmetric, so a wrong transpose would show
     linear = write_dictionary_learning(tmp_path / "lin", _LinearSAE(D, D, W).state_dict(), "AutoEncoderTopK", D, D)
-    param = write_dictionary_learning(tmp_path / "par", {"W_dec": W, "W_enc": W.T.contiguous()}, "JumpReluAutoEncoder",
-                                      D, D)
+    param = write_dictionary_learning(
+        tmp_path / "par", {"W_dec": W, "W_enc": W.T.contiguous()}, "JumpReluAutoEncoder", D, D
+    )
     assert np.array_equal(read_decoder(linear).W_dec, W.numpy())
     assert np.array_equal(read_decoder(param).W_dec, W.numpy())
 
@@ -216,8 +256,9 @@ def test_transposed_fork_is_recognised_from_config_sizes(tmp_path):
 def test_reads_dictionary_learning_training_checkpoint(tmp_path):
     W = _rand(N, D, seed=7)
     state = {"ae_state_dict": _LinearSAE(D, N, W).state_dict(), "step": 100, "is_final": True}
-    assert np.array_equal(read_decoder(write_dictionary_learning(tmp_path / "ck", state, "BatchTopKSAE", D, N)).W_dec,
-                          W.numpy())
+    assert np.array_equal(
+        read_decoder(write_dictionary_learning(tmp_path / "ck", state, "BatchTopKSAE", D, N)).W_dec, W.numpy()
+    )
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -236,8 +277,9 @@ def test_missing_path(tmp_path):
 
 def test_unknown_layout_lists_accepted_ones(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError,
-                       match=_path(tmp_path / "empty") + ": unknown SAE layout; accepted layouts: .*sparsify"):
+    with pytest.raises(
+        ValueError, match=_path(tmp_path / "empty") + ": unknown SAE layout; accepted layouts: .*sparsify"
+    ):
         read_decoder(tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="unknown file type.*dictionary_learning"):
@@ -271,8 +313,9 @@ def _config_without_weights(tmp_path):
 def test_corrupt_weights(tmp_path):
     path = write_saelens(tmp_path / "sl", _rand(N, D))
     (path / "sae_weights.safetensors").write_bytes(b"\x00garbage, not a safetensors header")
-    with pytest.raises(ValueError,
-                       match=_path(path / "sae_weights.safetensors") + ": corrupt or unreadable safetensors"):
+    with pytest.raises(
+        ValueError, match=_path(path / "sae_weights.safetensors") + ": corrupt or unreadable safetensors"
+    ):
         read_decoder(path)
     ae = write_dictionary_learning(tmp_path / "dl", {"decoder.weight": _rand(D, N)}, "AutoEncoder", D, N)
     ae.write_bytes(ae.read_bytes()[:40])

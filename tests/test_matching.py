@@ -1,4 +1,5 @@
 """Tests for paperlib.matching: exactness against scipy / brute force and the certificate."""
+
 from __future__ import annotations
 
 import itertools
@@ -97,11 +98,9 @@ def test_brute_force_tiny(signed, dense_limit):
             a, b = rng.standard_normal((n_a, 3)), rng.standard_normal((n_b, 3))
             w = _weights(a, b, signed)
             if n_a <= n_b:
-                best = max(sum(w[i, p[i]] for i in range(n_a))
-                           for p in itertools.permutations(range(n_b), n_a))
+                best = max(sum(w[i, p[i]] for i in range(n_a)) for p in itertools.permutations(range(n_b), n_a))
             else:
-                best = max(sum(w[p[j], j] for j in range(n_b))
-                           for p in itertools.permutations(range(n_a), n_b))
+                best = max(sum(w[p[j], j] for j in range(n_b)) for p in itertools.permutations(range(n_a), n_b))
             m = match(a, b, signed=signed, dense_limit=dense_limit)
             assert m.certified
             _check_valid(m, a, b, signed)
@@ -189,8 +188,11 @@ def test_input_types_and_layouts():
     a = rng.standard_normal((90, 12))
     b = rng.standard_normal((12, 70)).T  # non-contiguous
     ref = _scipy_opt(a, b, True)
-    for aa, bb in [(a[::-1][::-1], b), (a.tolist(), np.asfortranarray(b)),
-                   (torch.from_numpy(a), torch.from_numpy(b.copy()))]:
+    for aa, bb in [
+        (a[::-1][::-1], b),
+        (a.tolist(), np.asfortranarray(b)),
+        (torch.from_numpy(a), torch.from_numpy(b.copy())),
+    ]:
         m = match(aa, bb, dense_limit=16)
         assert m.certified and m.weights.sum() == pytest.approx(ref, abs=1e-9)
     m = match(a[::-1], b, dense_limit=16)  # negative strides

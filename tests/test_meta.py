@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from paperlib.meta import (
-    MetaSAEConfig, compare_to_saes, decompose, meta_codes, meta_latent_frequency, meta_latents_per_latent,
-    train_meta_sae, unit_directions, variance_explained,
+    MetaSAEConfig,
+    compare_to_saes,
+    decompose,
+    meta_codes,
+    meta_latent_frequency,
+    meta_latents_per_latent,
+    train_meta_sae,
+    unit_directions,
+    variance_explained,
 )
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.store import Store

@@ -45,8 +45,9 @@ def test_parameters_cell_defaults_to_smoke(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_profile_yaml_names_only_existing_parameters(path, profile):
     yaml_path = ROOT / "profiles" / profile / f"{path.stem}.yaml"
-    assert yaml_path.exists(), (f"missing {yaml_path.relative_to(ROOT)} "
-                                "(make figures needs one per notebook and profile)")
+    assert yaml_path.exists(), (
+        f"missing {yaml_path.relative_to(ROOT)} (make figures needs one per notebook and profile)"
+    )
     values = yaml.safe_load(yaml_path.read_text()) or {}
     unknown = set(values) - set(parameters_of(path))
     assert not unknown, f"{yaml_path.relative_to(ROOT)} sets parameters {sorted(unknown)} that {path.name} lacks"
@@ -88,4 +89,5 @@ def test_llm_notebooks_that_share_runs_agree_on_every_shared_key(profile):
             seen = {number: v[key] for number, v in values.items() if key in v}
             assert len({repr(v) for v in seen.values()}) == 1, (
                 f"{profile} profile: notebooks {', '.join(seen)} disagree on {key!r}: {seen}; they share cached "
-                "activations and SAEs, so set it the same in each (parameters cell or profiles/<profile>/*.yaml)")
+                "activations and SAEs, so set it the same in each (parameters cell or profiles/<profile>/*.yaml)"
+            )

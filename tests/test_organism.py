@@ -62,6 +62,7 @@ def test_bad_configurations_name_the_field():
 
 # --- the uniform organism's compact codes and correlated features ------------------------------------------------
 
+
 def sigma(p, n):
     """Standard error of an empirical frequency with probability p over n draws."""
     return (p * (1 - p) / n) ** 0.5
@@ -91,6 +92,7 @@ def test_correlated_uniform_keeps_marginals_and_sparsity_and_couples_clusters():
 
 
 # --- randomised systematic sampling ---------------------------------------------------------------------------------
+
 
 def test_systematic_sample_hits_each_unit_mass_times_on_average_and_floor_or_ceil_times_per_row():
     mass = torch.tensor([2.4, 1.0, 0.35, 0.25, 0.0, 1.0])  # sums to s = 5
@@ -123,11 +125,12 @@ def test_systematic_sample_rejects_masses_without_integer_sum():
 
 # --- the Zipfian-groups organism --------------------------------------------------------------------------------------
 
+
 def test_zipfian_law_sums_to_s_and_follows_the_power_of_the_group_rank():
     cfg = ZipfianOrganism(d=16, n_gt=200, s=5, n_groups=10, beta=1.3, n_samples=10)
     p = cfg.group_probability()
     ranks = torch.arange(1, 11, dtype=torch.float64)
-    assert torch.allclose(p / p[0], ranks ** -1.3)
+    assert torch.allclose(p / p[0], ranks**-1.3)
     assert cfg.probability().sum().item() == pytest.approx(5)
     assert torch.equal(cfg.group(), torch.arange(200) // 20)
 
@@ -146,9 +149,13 @@ def test_zipfian_samples_have_exact_sparsity_and_group_frequencies_within_sampli
     group_rate = rate.view(10, 20).mean(dim=1)
     group_p = cfg.group_probability()
     assert ((group_rate - group_p).abs() / sigma(group_p, n * 20)).max() < 4
-    slope = torch.linalg.lstsq(
-        torch.stack([torch.ones(10), torch.arange(1, 11).log()], dim=1).double(), group_rate.log()[:, None]
-    ).solution[1].item()
+    slope = (
+        torch.linalg.lstsq(
+            torch.stack([torch.ones(10), torch.arange(1, 11).log()], dim=1).double(), group_rate.log()[:, None]
+        )
+        .solution[1]
+        .item()
+    )
     assert slope == pytest.approx(-1.0, abs=0.05)
 
 
@@ -196,6 +203,7 @@ def test_zipfian_bad_configurations_name_the_field_and_the_fix():
 
 
 # --- the two-phase Zipf organism --------------------------------------------------------------------------------------
+
 
 def test_two_phase_law_has_both_exponents_and_is_continuous_at_the_break():
     cfg = TwoPhaseZipfOrganism(d=8, n_gt=2000, s=3, beta_head=0.8, beta_tail=2.2, break_rank=300, n_samples=10)

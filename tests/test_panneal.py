@@ -44,8 +44,13 @@ def test_the_trainer_applies_the_schedule_step_by_step():
     cfg = config(n_seeds=1, p_updates=4, anneal_start=0.25, p_end=0.1)
     steps = 40
     bank = SAEBank(cfg)
-    history = train(bank, DATA.x[:256], TrainConfig(steps=steps, lr=1e-3, log_every=1), progress=False,
-                    callbacks={"p": lambda b: b.p.clone()})
+    history = train(
+        bank,
+        DATA.x[:256],
+        TrainConfig(steps=steps, lr=1e-3, log_every=1),
+        progress=False,
+        callbacks={"p": lambda b: b.p.clone()},
+    )
     expected = [cfg.p_start] + [PAnneal.exponent_at(cfg, step, steps) for step in range(1, steps + 1)]
     torch.testing.assert_close(torch.from_numpy(history["p"][:, 0]), torch.tensor(expected))
     assert int(bank.p_updates) == 3 and float(bank.p) == pytest.approx(1 - 0.9 * 2 / 3)
@@ -143,8 +148,9 @@ def test_trains_and_reaches_a_lower_l0_than_relu_at_the_same_coefficient():
     schedule = TrainConfig(steps=200, lr=3e-3, batch_size=256, log_every=50)
     runs = {}
     for architecture in ("relu", "panneal"):
-        cfg = SAEConfig(architecture, d_model=16, n_latents=64, n_seeds=2, l1_coeff=0.3, decoder="unit",
-                        reconstruction="sum")
+        cfg = SAEConfig(
+            architecture, d_model=16, n_latents=64, n_seeds=2, l1_coeff=0.3, decoder="unit", reconstruction="sum"
+        )
         bank = SAEBank(cfg)
         runs[architecture] = (bank, train(bank, DATA.x, schedule, progress=False))
     bank, history = runs["panneal"]
@@ -159,8 +165,14 @@ def test_trains_and_reaches_a_lower_l0_than_relu_at_the_same_coefficient():
 
 def test_an_interrupted_run_resumes_to_the_same_state(tmp_path):
     cfg = config(n_seeds=1, p_updates=4, anneal_start=0.2)
-    schedule = TrainConfig(steps=20, lr=1e-3, batch_size=256, log_every=5, checkpoint_fractions=(0.5, 1.0),
-                           checkpoint_dir=str(tmp_path / "run"))
+    schedule = TrainConfig(
+        steps=20,
+        lr=1e-3,
+        batch_size=256,
+        log_every=5,
+        checkpoint_fractions=(0.5, 1.0),
+        checkpoint_dir=str(tmp_path / "run"),
+    )
     reference, resumed = interrupted_and_resumed(lambda: SAEBank(cfg), DATA.x, schedule)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
@@ -186,8 +198,9 @@ def test_buffers_survive_the_store_seed_slicing_and_save_load(tmp_path):
     assert torch.allclose(bank.p, torch.tensor(PAnneal.exponent_at(cfg, 60, 60)))
     assert int(bank.p_updates[0]) == 9 and (bank.lp_scale != 1).all() and torch.isfinite(bank.lp_window).any()
     # a reloaded bank reports the penalty it was trained with
-    torch.testing.assert_close(torch.from_numpy(evaluate(bank, DATA.x)["loss_lp"]),
-                               torch.from_numpy(again.history["loss_lp"][-1]))
+    torch.testing.assert_close(
+        torch.from_numpy(evaluate(bank, DATA.x)["loss_lp"]), torch.from_numpy(again.history["loss_lp"][-1])
+    )
     single = bank.seed(1)
     for name, value in bank.state_dict().items():
         torch.testing.assert_close(single.state_dict()[name], value[1:2], rtol=0, atol=0, equal_nan=True, msg=name)
@@ -220,20 +233,23 @@ def test_zoo_puts_panneal_in_the_l1_family():
     assert cfg.decoder == "unit" and cfg.reconstruction == "sum" and (cfg.p_start, cfg.p_end) == (1.0, 0.2)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(p_end=1.5), "0 <= p_end <= p_start <= 1"),
-    (dict(p_start=0.5, p_end=0.8), "got p_start=0.5, p_end=0.8"),
-    (dict(p_start=0.0, p_end=0.0), "p_start > 0"),
-    (dict(p_end=-0.1), "0 <= p_end"),
-    (dict(p_end=math.nan), "P-anneal's exponents"),
-    (dict(p_start="1"), "p_start must be a number, got '1'"),
-    (dict(anneal_start=None), "anneal_start must be a number"),
-    (dict(anneal_start=1.0), "anneal_start must be a fraction of training in \\[0, 1\\)"),
-    (dict(p_updates=1), "p_updates must be an integer >= 2, got 1"),
-    (dict(p_updates=True), "p_updates must be an integer >= 2"),
-    (dict(p_window=0), "p_window must be an integer >= 1, got 0"),
-    (dict(p_window=2.0), "p_window must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(p_end=1.5), "0 <= p_end <= p_start <= 1"),
+        (dict(p_start=0.5, p_end=0.8), "got p_start=0.5, p_end=0.8"),
+        (dict(p_start=0.0, p_end=0.0), "p_start > 0"),
+        (dict(p_end=-0.1), "0 <= p_end"),
+        (dict(p_end=math.nan), "P-anneal's exponents"),
+        (dict(p_start="1"), "p_start must be a number, got '1'"),
+        (dict(anneal_start=None), "anneal_start must be a number"),
+        (dict(anneal_start=1.0), "anneal_start must be a fraction of training in \\[0, 1\\)"),
+        (dict(p_updates=1), "p_updates must be an integer >= 2, got 1"),
+        (dict(p_updates=True), "p_updates must be an integer >= 2"),
+        (dict(p_window=0), "p_window must be an integer >= 1, got 0"),
+        (dict(p_window=2.0), "p_window must be an integer >= 1"),
+    ],
+)
 def test_bad_schedules_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         config(**bad)

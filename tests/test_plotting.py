@@ -46,8 +46,9 @@ def test_unknown_injected_parameters_are_refused():
     declared = 'profile = "smoke"\nsteps = 40  # a comment\nlr = 1e-3'
     refuse_unknown_parameters(["", declared, '# Parameters\nprofile = "default"\nsteps = 5\n', "import x"])
     refuse_unknown_parameters(["", declared, "x = 1"])  # run interactively: no injected cell
-    with pytest.raises(ValueError,
-                       match=r"unknown notebook parameter\(s\) stepz: this notebook takes lr, profile, steps"):
+    with pytest.raises(
+        ValueError, match=r"unknown notebook parameter\(s\) stepz: this notebook takes lr, profile, steps"
+    ):
         refuse_unknown_parameters(["", declared, '# Parameters\nprofile = "default"\nstepz = 5\n'])
 
 
@@ -56,15 +57,19 @@ def test_papermill_run_with_a_misspelled_parameter_fails(tmp_path):
     import nbformat
     import papermill
 
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                          "language": "python"}})
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
     params = nbformat.v4.new_code_cell('profile = "smoke"\nsteps = 40')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params,
-                nbformat.v4.new_code_cell("from paperlib.plotting import check_profile\ncheck_profile(profile)")]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell("from paperlib.plotting import check_profile\ncheck_profile(profile)"),
+    ]
     source = tmp_path / "nb.ipynb"
     nbformat.write(nb, source)
     papermill.execute_notebook(str(source), str(tmp_path / "ok.ipynb"), parameters={"steps": 5}, progress_bar=False)
     with pytest.raises(papermill.PapermillExecutionError, match="stepz"):
-        papermill.execute_notebook(str(source), str(tmp_path / "bad.ipynb"), parameters={"stepz": 5},
-                                   progress_bar=False)
+        papermill.execute_notebook(
+            str(source), str(tmp_path / "bad.ipynb"), parameters={"stepz": 5}, progress_bar=False
+        )

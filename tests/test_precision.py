@@ -54,10 +54,16 @@ SMOOTH, SELECTING = 0.02, 0.15
 PATHS = {
     "relu, closed form": (dict(architecture="relu", l1_coeff=1e-3), SMOOTH, lambda b, x, p: closed_form_grads(b, x, p)),
     "gated, autograd": (dict(architecture="gated", l1_coeff=1e-3), SMOOTH, autograd_grads),
-    "topk, closed form (dense)": (dict(architecture="topk", k=3), SELECTING,
-                                  lambda b, x, p: closed_form_grads(b, x, p, False)),
-    "topk, closed form (sparse)": (dict(architecture="topk", k=3), SELECTING,
-                                   lambda b, x, p: closed_form_grads(b, x, p, True)),
+    "topk, closed form (dense)": (
+        dict(architecture="topk", k=3),
+        SELECTING,
+        lambda b, x, p: closed_form_grads(b, x, p, False),
+    ),
+    "topk, closed form (sparse)": (
+        dict(architecture="topk", k=3),
+        SELECTING,
+        lambda b, x, p: closed_form_grads(b, x, p, True),
+    ),
     "topk + AuxK, autograd": (dict(architecture="topk", k=3, aux_coeff=1 / 32), SELECTING, autograd_grads),
 }
 
@@ -112,10 +118,18 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_at_the_start(monkeypatch):
     monkeypatch.setattr(paperlib.train, "cpu_has_native_bf16", lambda: False)
     data = sample_uniform(ORGANISM)
     with pytest.warns(UserWarning, match=r"no native bf16 .* use precision='fp32'") as record:
-        train(SAEBank(SAEConfig("relu", d_model=32, n_latents=48, n_seeds=1)), data.x,
-              TrainConfig(steps=2, precision="bf16"), progress=False)
+        train(
+            SAEBank(SAEConfig("relu", d_model=32, n_latents=48, n_seeds=1)),
+            data.x,
+            TrainConfig(steps=2, precision="bf16"),
+            progress=False,
+        )
     assert [w.filename for w in record if "no native bf16" in str(w.message)] == [__file__]  # names the caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train(SAEBank(SAEConfig("relu", d_model=32, n_latents=48, n_seeds=1)), data.x,
-              TrainConfig(steps=2, precision="fp32"), progress=False)
+        train(
+            SAEBank(SAEConfig("relu", d_model=32, n_latents=48, n_seeds=1)),
+            data.x,
+            TrainConfig(steps=2, precision="fp32"),
+            progress=False,
+        )

@@ -65,8 +65,15 @@ def test_an_unavailable_device_is_refused_before_the_data_is_read(store):
         raise AssertionError("the device must be checked first")
 
     with pytest.raises(ValueError, match="cuda is not available on this machine"):
-        trained_bank(untouchable, "x", SAEConfig("topk", 8, 16, k=2), TrainConfig(steps=2), store=store,
-                     device="cuda", progress=False)
+        trained_bank(
+            untouchable,
+            "x",
+            SAEConfig("topk", 8, 16, k=2),
+            TrainConfig(steps=2),
+            store=store,
+            device="cuda",
+            progress=False,
+        )
 
 
 def test_massive_rows_are_left_out_of_training_and_the_filter_is_checked():

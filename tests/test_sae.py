@@ -7,8 +7,15 @@ from paperlib.sae import SAEBank, SAEConfig
 
 
 def make(architecture="topk", **overrides):
-    fields = dict(architecture=architecture, d_model=6, n_latents=12, k=3 if architecture == "topk" else None,
-                  l1_coeff=1e-2, n_seeds=4, seed=7)
+    fields = dict(
+        architecture=architecture,
+        d_model=6,
+        n_latents=12,
+        k=3 if architecture == "topk" else None,
+        l1_coeff=1e-2,
+        n_seeds=4,
+        seed=7,
+    )
     fields.update(overrides)
     return SAEBank(SAEConfig(**fields))
 

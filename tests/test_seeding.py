@@ -15,8 +15,9 @@ SAE = SAEConfig("topk", d_model=8, n_latents=12, k=2, seed=5)
 
 def _runs(tmp_path, vary, batch_size, n_runs=3):
     schedule = TrainConfig(steps=30, lr=3e-3, batch_size=batch_size, log_every=30, seed=1, precision="fp32")
-    return decoders(seeded_runs(sample(ORGANISM).x, ORGANISM, SAE, schedule, n_runs, vary,
-                                store=Store(tmp_path), device="cpu"))
+    return decoders(
+        seeded_runs(sample(ORGANISM).x, ORGANISM, SAE, schedule, n_runs, vary, store=Store(tmp_path), device="cpu")
+    )
 
 
 def test_full_batch_runs_differ_only_by_their_initialisation(tmp_path):

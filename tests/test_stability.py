@@ -16,8 +16,12 @@ def _runs(widths, shared=6, seed=0):
     """Runs that share ``shared`` atoms (slightly perturbed) and fill the rest with their own."""
     rng = np.random.default_rng(seed)
     common = rng.standard_normal((shared, D))
-    return [np.vstack([common + 0.05 * rng.standard_normal((shared, D)), rng.standard_normal((n - shared, D))])
-            [rng.permutation(n)] for n in widths]
+    return [
+        np.vstack([common + 0.05 * rng.standard_normal((shared, D)), rng.standard_normal((n - shared, D))])[
+            rng.permutation(n)
+        ]
+        for n in widths
+    ]
 
 
 def _reference(runs):

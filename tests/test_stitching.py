@@ -9,7 +9,12 @@ from paperlib.organism import UniformOrganism, sample_uniform
 from paperlib.sae import SAEBank, SAEConfig
 from paperlib.stitch_path import interpolation_path
 from paperlib.stitching import (
-    SAEView, StitchConfig, insertion_effects, max_cosine, reconstruction_mse, stitch,
+    SAEView,
+    StitchConfig,
+    insertion_effects,
+    max_cosine,
+    reconstruction_mse,
+    stitch,
     stitch_moves,
 )
 from paperlib.train import TrainConfig, evaluate, train
@@ -20,8 +25,12 @@ ORGANISM = UniformOrganism(d=D, n_gt=16, s=2, n_samples=1500, seed=3)
 
 def trained(architecture: str, width: int, seed: int, **fields) -> SAEBank:
     bank = SAEBank(SAEConfig(architecture, d_model=D, n_latents=width, seed=seed, decoder="unit", **fields))
-    train(bank, sample_uniform(ORGANISM).x, TrainConfig(steps=150, lr=3e-3, batch_size=500, log_every=150,
-                                                        b_dec_init="mean"), progress=False)
+    train(
+        bank,
+        sample_uniform(ORGANISM).x,
+        TrainConfig(steps=150, lr=3e-3, batch_size=500, log_every=150, b_dec_init="mean"),
+        progress=False,
+    )
     return bank
 
 
@@ -32,8 +41,12 @@ def x():
 
 @pytest.fixture(scope="module")
 def saes():
-    return {"relu8": trained("relu", 8, 1, l1_coeff=0.05), "relu16": trained("relu", 16, 2, l1_coeff=0.05),
-            "btk16": trained("batchtopk", 16, 3, k=2), "topk12": trained("topk", 12, 4, k=3)}
+    return {
+        "relu8": trained("relu", 8, 1, l1_coeff=0.05),
+        "relu16": trained("relu", 16, 2, l1_coeff=0.05),
+        "btk16": trained("batchtopk", 16, 3, k=2),
+        "topk12": trained("topk", 12, 4, k=3),
+    }
 
 
 def rel(a, b):
@@ -68,8 +81,14 @@ def test_max_cosine_and_frequency(saes, x):
     assert torch.equal(index, effects.closest) and torch.allclose(values, effects.max_cos)
 
 
-@pytest.mark.parametrize("config", [StitchConfig(), StitchConfig(orphans="remove", bias="first"),
-                                    StitchConfig(threshold=0.3, bias="last", chunk_size=211)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        StitchConfig(),
+        StitchConfig(orphans="remove", bias="first"),
+        StitchConfig(threshold=0.3, bias="last", chunk_size=211),
+    ],
+)
 def test_every_step_of_the_path_is_the_stitched_sae_it_describes(saes, x, config):
     S, L = SAEView.from_bank(saes["relu8"]), SAEView.from_bank(saes["btk16"])
     path = interpolation_path(S, L, x, config)
@@ -158,8 +177,9 @@ def test_orthogonal_novel_latents_give_a_monotone_path_in_order_of_benefit():
     assert effects.novel.tolist() == [False] * 4 + [True] * 4
     # Theory: each new orthogonal atom lowers the MSE by E[f_j^2] / d regardless of order.
     codes = x @ q[4:].T
-    np.testing.assert_allclose(sorted(effects.delta_mse[4:].tolist()), sorted((-codes.square().mean(0) / D).tolist()),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        sorted(effects.delta_mse[4:].tolist()), sorted((-codes.square().mean(0) / D).tolist()), rtol=1e-5
+    )
     assert path.monotone and np.all(np.diff(path.delta) >= 0)  # greedy: most beneficial first
     assert [m.kind for m in path.moves[:4]] == ["insert"] * 4
     assert path.mse[-1] < 1e-10
@@ -186,8 +206,9 @@ def test_groups_partition_both_saes_and_follow_the_threshold(saes):
         for i, j in (cos > threshold).nonzero().tolist():
             assert group_of["S", i] == group_of["L", j]
         if orphans == "remove":
-            assert all(m.kind != "swap" or any(cos[i, j] > threshold for i in m.removed for j in m.added)
-                       for m in moves)
+            assert all(
+                m.kind != "swap" or any(cos[i, j] > threshold for i in m.removed for j in m.added) for m in moves
+            )
         else:
             assert all(m.kind in ("swap", "insert") for m in moves)
     assert len(stitch_moves(S, L, -1.0)) == 1  # every pair connected: one swap of everything

@@ -33,8 +33,10 @@ def test_round_trip_and_compute_once(tmp_path):
 def test_keys_depend_on_every_field_and_the_namespace():
     base = config_key("runs", Cfg(4, 0.1))
     assert base == config_key("runs", Cfg(4, 0.1))
-    assert len({base, config_key("runs", Cfg(5, 0.1)), config_key("runs", Cfg(4, 0.2)),
-                config_key("other", Cfg(4, 0.1))}) == 4
+    assert (
+        len({base, config_key("runs", Cfg(5, 0.1)), config_key("runs", Cfg(4, 0.2)), config_key("other", Cfg(4, 0.1))})
+        == 4
+    )
     assert config_key("runs", {"a": 1, "b": 2}) == config_key("runs", {"b": 2, "a": 1})
 
 

@@ -24,8 +24,13 @@ def bank(architecture="topk", **overrides):
 def test_recovers_the_planted_organism_above_chance(architecture, l1_coeff):
     data = sample_uniform(ORGANISM)
     sae = bank(architecture, l1_coeff=l1_coeff)
-    history = train(sae, data.x, TrainConfig(steps=400, lr=3e-3, batch_size=500, log_every=100), progress=False,
-                    callbacks={"gt_mcc": lambda b: gt_mcc(data.dictionary, b.decoder_directions())})
+    history = train(
+        sae,
+        data.x,
+        TrainConfig(steps=400, lr=3e-3, batch_size=500, log_every=100),
+        progress=False,
+        callbacks={"gt_mcc": lambda b: gt_mcc(data.dictionary, b.decoder_directions())},
+    )
     chance = chance_mcc(12, 12, 8, n_samples=100)
     assert history["step"].tolist() == [0, 100, 200, 300, 400]
     assert history["gt_mcc"].shape == (5, 3)
@@ -85,8 +90,11 @@ def test_bad_data_is_rejected_before_training():
 def test_learning_rate_warms_up_and_decays_linearly():
     cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, decay_fraction=0.2)
     assert [cfg.lr_at(s) for s in (1, 5, 10, 50, 80)] == [0.1, 0.5, 1.0, 1.0, 1.0]
-    assert (cfg.lr_at(81) == pytest.approx(1.0) and cfg.lr_at(90) == pytest.approx(0.55)
-            and cfg.lr_at(100) == pytest.approx(0.05))
+    assert (
+        cfg.lr_at(81) == pytest.approx(1.0)
+        and cfg.lr_at(90) == pytest.approx(0.55)
+        and cfg.lr_at(100) == pytest.approx(0.05)
+    )
     assert TrainConfig(steps=10, sparsity_warmup_steps=4).sparsity_scale_at(1) == 0.25
 
 
@@ -103,8 +111,12 @@ def test_normalisation_is_folded_back_into_the_weights():
     raw, scaled = bank(), bank()
     history = train(raw, data.x * 50, cfg, progress=False)
     # Training on already-normalised data gives the same SAE, before folding.
-    train(scaled, data.x * 50 * history.scale, TrainConfig(steps=30, lr=1e-2, batch_size=500, log_every=30),
-          progress=False)
+    train(
+        scaled,
+        data.x * 50 * history.scale,
+        TrainConfig(steps=30, lr=1e-2, batch_size=500, log_every=30),
+        progress=False,
+    )
     assert history.scale == pytest.approx(1 / (data.x * 50).square().sum(1).mean().sqrt().item(), rel=1e-5)
     x = data.x[:100] * 50
     codes_raw, codes_scaled = raw.encode(x), scaled.encode(x * history.scale)
@@ -136,8 +148,9 @@ def test_checkpoints_snapshot_decoders_at_log_spaced_fractions():
     data = sample_uniform(ORGANISM)
     cfg = TrainConfig(steps=1000, lr=1e-3, batch_size=100, log_every=500, checkpoint_fractions=PAPER_CHECKPOINTS)
     assert cfg.checkpoint_steps() == [0, 1, 3, 10, 32, 100, 200, 300, 316, 400, 500, 600, 700, 800, 900, 1000]
-    history = train(bank(), data.x, TrainConfig(steps=20, lr=1e-3, log_every=10, checkpoint_fractions=(0, 0.5, 1)),
-                    progress=False)
+    history = train(
+        bank(), data.x, TrainConfig(steps=20, lr=1e-3, log_every=10, checkpoint_fractions=(0, 0.5, 1)), progress=False
+    )
     assert sorted(history.checkpoints) == [0, 10, 20] and history.checkpoints[10].shape == (3, 12, 8)
 
 
@@ -164,8 +177,15 @@ def interrupted_and_resumed(make_bank, x, cfg: TrainConfig) -> tuple[SAEBank, SA
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
     data = sample_uniform(ORGANISM)
-    cfg = TrainConfig(steps=20, lr=1e-3, batch_size=300, log_every=5, normalize=True,
-                      checkpoint_fractions=(0.5, 1.0), checkpoint_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        steps=20,
+        lr=1e-3,
+        batch_size=300,
+        log_every=5,
+        normalize=True,
+        checkpoint_fractions=(0.5, 1.0),
+        checkpoint_dir=str(tmp_path / "run"),
+    )
     # autograd path, Adam state, dead counters
     reference, resumed = interrupted_and_resumed(lambda: bank("topk", aux_coeff=1 / 32, dead_tokens=300), data.x, cfg)
     for (name, p), q in zip(reference.state_dict().items(), resumed.state_dict().values()):
@@ -182,8 +202,9 @@ def test_resuming_someone_elses_run_is_refused(tmp_path):
 
 def test_foreach_adam_updates_bitwise_like_the_per_tensor_loop():
     """train() uses foreach Adam for speed on the claim that it rounds exactly like the default loop."""
-    params = {impl: [torch.nn.Parameter(p.detach().clone()) for p in bank("topk").parameters()]
-              for impl in (False, True)}
+    params = {
+        impl: [torch.nn.Parameter(p.detach().clone()) for p in bank("topk").parameters()] for impl in (False, True)
+    }
     optimizers = {impl: torch.optim.Adam(ps, lr=1e-3, foreach=impl) for impl, ps in params.items()}
     torch.manual_seed(0)
     for step in range(5):

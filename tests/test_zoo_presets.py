@@ -11,7 +11,14 @@ from paperlib.organism import UniformOrganism, sample_uniform
 from paperlib.sae import SAEBank
 from paperlib.train import TrainConfig, train
 from paperlib.zoo_presets import (
-    K_FAMILY, L1_FAMILY, ZOO, ZooRules, calibrate_l1, matryoshka_groups, mean_sq_norm, zoo_config,
+    K_FAMILY,
+    L1_FAMILY,
+    ZOO,
+    ZooRules,
+    calibrate_l1,
+    matryoshka_groups,
+    mean_sq_norm,
+    zoo_config,
 )
 
 
@@ -81,28 +88,34 @@ def test_mean_sq_norm():
         mean_sq_norm(torch.zeros(4, 2))
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(architecture="p_anneal"), "unknown zoo architecture 'p_anneal'"),
-    (dict(sparsity=0), "sparsity must be an integer target L0 in \\[1, n_latents=32\\]"),
-    (dict(sparsity=33), "sparsity must be an integer"),
-    (dict(sparsity=2.5), "sparsity must be an integer"),
-    (dict(data_scale=0.0), "data_scale must be the data's mean squared norm"),
-    (dict(data_scale=math.inf), "data_scale must be"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(architecture="p_anneal"), "unknown zoo architecture 'p_anneal'"),
+        (dict(sparsity=0), "sparsity must be an integer target L0 in \\[1, n_latents=32\\]"),
+        (dict(sparsity=33), "sparsity must be an integer"),
+        (dict(sparsity=2.5), "sparsity must be an integer"),
+        (dict(data_scale=0.0), "data_scale must be the data's mean squared norm"),
+        (dict(data_scale=math.inf), "data_scale must be"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, message):
     args = dict(architecture="topk", sparsity=3, data_scale=3.0) | bad
     with pytest.raises(ValueError, match=message):
         zoo_config(args.pop("architecture"), d_model=16, n_latents=32, **args)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(l1_coeff=0.0), "ZooRules.l1_coeff must be > 0"),
-    (dict(bandwidth_fraction=-1.0), "ZooRules.bandwidth_fraction must be > 0"),
-    (dict(prefix_ends=(0.5, 0.25)), "prefix_ends must be increasing fractions"),
-    (dict(prefix_ends=(0.5, 1.0)), "prefix_ends must be increasing fractions"),
-    (dict(prefix_ends=()), "prefix_ends must be increasing fractions"),
-    (dict(min_group=0), "min_group must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(l1_coeff=0.0), "ZooRules.l1_coeff must be > 0"),
+        (dict(bandwidth_fraction=-1.0), "ZooRules.bandwidth_fraction must be > 0"),
+        (dict(prefix_ends=(0.5, 0.25)), "prefix_ends must be increasing fractions"),
+        (dict(prefix_ends=(0.5, 1.0)), "prefix_ends must be increasing fractions"),
+        (dict(prefix_ends=()), "prefix_ends must be increasing fractions"),
+        (dict(min_group=0), "min_group must be a positive integer"),
+    ],
+)
 def test_bad_rules_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         ZooRules(**bad)
@@ -122,8 +135,9 @@ def test_every_zoo_config_trains_and_the_knobs_act():
         l0[architecture] = (history["l0"][0].mean(), history.final("l0").mean())
     assert l0["topk"][1] == pytest.approx(2.0)
     assert abs(l0["jumprelu"][1] - 2) < abs(l0["jumprelu"][0] - 2)
-    strong = zoo_config("relu", d_model=8, n_latents=16, sparsity=2, data_scale=scale, n_seeds=2,
-                        rules=ZooRules(l1_coeff=1.6))
+    strong = zoo_config(
+        "relu", d_model=8, n_latents=16, sparsity=2, data_scale=scale, n_seeds=2, rules=ZooRules(l1_coeff=1.6)
+    )
     assert train(SAEBank(strong), data.x, schedule, progress=False).final("l0").mean() < l0["relu"][1]
 
 
@@ -141,14 +155,17 @@ def test_calibration_never_picks_a_dead_sae():
     assert found.tried[found.multiplier] == 10.0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(pilot_l0=lambda m: 8.0, target=3), "could not bracket the target L0 3 in 12 pilots"),
-    (dict(pilot_l0=lambda m: math.nan, target=3), "reached L0 nan; it must be a finite count"),
-    (dict(pilot_l0=lambda m: -1.0, target=3), "must be a finite count >= 0"),
-    (dict(pilot_l0=lambda m: 1.0, target=0), "target L0 > 0"),
-    (dict(pilot_l0=lambda m: 1.0, target=3, factor=1.0), "factor > 1"),
-    (dict(pilot_l0=lambda m: 1.0, target=3, max_pilots=1), "max_pilots >= 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pilot_l0=lambda m: 8.0, target=3), "could not bracket the target L0 3 in 12 pilots"),
+        (dict(pilot_l0=lambda m: math.nan, target=3), "reached L0 nan; it must be a finite count"),
+        (dict(pilot_l0=lambda m: -1.0, target=3), "must be a finite count >= 0"),
+        (dict(pilot_l0=lambda m: 1.0, target=0), "target L0 > 0"),
+        (dict(pilot_l0=lambda m: 1.0, target=3, factor=1.0), "factor > 1"),
+        (dict(pilot_l0=lambda m: 1.0, target=3, max_pilots=1), "max_pilots >= 2"),
+    ],
+)
 def test_calibration_refuses_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         calibrate_l1(**kwargs)
@@ -162,8 +179,11 @@ def test_calibration_on_real_pilots_lands_near_the_target():
     schedule = TrainConfig(steps=150, lr=3e-3, batch_size=256, log_every=150)
 
     def pilot(m):
-        return float(train(SAEBank(replace(base, l1_coeff=base.l1_coeff * m)), data.x, schedule,
-                           progress=False).final("l0").mean())
+        return float(
+            train(SAEBank(replace(base, l1_coeff=base.l1_coeff * m)), data.x, schedule, progress=False)
+            .final("l0")
+            .mean()
+        )
 
     found = calibrate_l1(pilot, target=2)
     assert found.tried[1.0] > 3  # the uncalibrated rule is too dense here

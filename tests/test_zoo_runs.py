@@ -21,8 +21,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def acts():
-    return MemoryActivations(sample_uniform(UniformOrganism(d=D, n_gt=48, s=TARGET, n_samples=2400, seed=11)).x,
-                             "organism d16")
+    return MemoryActivations(
+        sample_uniform(UniformOrganism(d=D, n_gt=48, s=TARGET, n_samples=2400, seed=11)).x, "organism d16"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,10 @@ def test_relu_is_calibrated_to_the_target_l0_by_cached_pilots(acts, schedule, st
 def test_uncalibrated_and_k_family_runs_follow_the_rule(acts, schedule, store):
     plain = zoo_run(acts, "relu", WIDTH, TARGET, schedule, 300, store, seed=5, calibrate=False)
     assert plain.calibration is None
-    assert plain.config.l1_coeff == zoo_config("relu", d_model=D, n_latents=WIDTH, sparsity=TARGET,
-                                               data_scale=1.0, seed=5).l1_coeff
+    assert (
+        plain.config.l1_coeff
+        == zoo_config("relu", d_model=D, n_latents=WIDTH, sparsity=TARGET, data_scale=1.0, seed=5).l1_coeff
+    )
     topk = zoo_run(acts, "topk", WIDTH, TARGET, schedule, 300, store, seed=5, aux_coeff=0.25)
     assert topk.calibration is None and topk.config.k == TARGET and topk.config.aux_coeff == 0.25
 
@@ -64,9 +67,11 @@ def test_family_members_are_calibrated_per_width(acts, schedule, store):
     assert sorted(fam.calibrations) == [24, 48]
     for width, c in fam.calibrations.items():
         assert fam.run(width).bank.cfg.l1_coeff == pytest.approx(
-            rule_config("relu", D, width, TARGET, seed=fam.config.member_seed(width)).l1_coeff * c.multiplier)
-    off = train_family(acts, FamilyConfig("relu", widths=(24, 48), sparsity=TARGET, seed=5, calibrate_l1=False),
-                       schedule, 300, store)
+            rule_config("relu", D, width, TARGET, seed=fam.config.member_seed(width)).l1_coeff * c.multiplier
+        )
+    off = train_family(
+        acts, FamilyConfig("relu", widths=(24, 48), sparsity=TARGET, seed=5, calibrate_l1=False), schedule, 300, store
+    )
     assert off.calibrations == {}
 
 

@@ -42,10 +42,19 @@ SETTINGS = {
     "gated": dict(l1_coeff=0.01),
 }
 # (case id, paperlib architecture, layout, dtype, the class the peer should load it as)
-CASES = [(f"saelens-{a}", a, "saelens", torch.float32, cls) for a, cls in (
-    ("relu", "StandardSAE"), ("relu_dnorm", "StandardSAE"), ("panneal", "StandardSAE"), ("topk", "TopKSAE"),
-    ("batchtopk", "JumpReLUSAE"), ("matryoshka", "JumpReLUSAE"), ("jumprelu", "JumpReLUSAE"), ("gated", "GatedSAE"),
-)] + [
+CASES = [
+    (f"saelens-{a}", a, "saelens", torch.float32, cls)
+    for a, cls in (
+        ("relu", "StandardSAE"),
+        ("relu_dnorm", "StandardSAE"),
+        ("panneal", "StandardSAE"),
+        ("topk", "TopKSAE"),
+        ("batchtopk", "JumpReLUSAE"),
+        ("matryoshka", "JumpReLUSAE"),
+        ("jumprelu", "JumpReLUSAE"),
+        ("gated", "GatedSAE"),
+    )
+] + [
     ("saelens-topk-float64", "topk", "saelens", torch.float64, "TopKSAE"),
     ("sparsify-topk", "topk", "sparsify", torch.float32, "SparseCoder"),
 ]
@@ -78,8 +87,9 @@ def _bank(architecture: str, x_train: torch.Tensor) -> SAEBank:
 def peers(tmp_path_factory):
     """Our banks, the test inputs, and what the peer libraries made of the exports."""
     if not PEER_PYTHON.exists():
-        pytest.skip(f"peer environment {PEER_VENV.relative_to(ROOT)} is missing: "
-                    "run `make test-peers`, which builds it")
+        pytest.skip(
+            f"peer environment {PEER_VENV.relative_to(ROOT)} is missing: run `make test-peers`, which builds it"
+        )
     tmp = tmp_path_factory.mktemp("interop")
     x_train, x = _data(4096, seed=1), _data(512, seed=2)
     banks = {a: _bank(a, x_train) for a in SETTINGS}
@@ -94,8 +104,12 @@ def peers(tmp_path_factory):
             jobs.append({"id": f"{case}.{i}", "layout": layout, "dir": str(path)})
             ours[f"{case}.{i}"] = (codes[i], recon[i], pre[i])
     (tmp / "jobs.json").write_text(json.dumps({"inputs": str(tmp / "x.safetensors"), "jobs": jobs}))
-    proc = subprocess.run([str(PEER_PYTHON), str(Path(__file__).with_name("peer_encode.py")), str(tmp / "jobs.json"),
-                           str(tmp)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(PEER_PYTHON), str(Path(__file__).with_name("peer_encode.py")), str(tmp / "jobs.json"), str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"peer_encode.py failed:\n{proc.stderr[-4000:]}"
     results = json.loads((tmp / "results.json").read_text())
     return ours, results, tmp
