@@ -78,6 +78,7 @@ browser: $(BROWSER_STAMP)
 test: $(ASSETS_STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 # Slow tests against real servers on loopback (e.g. the OpenAI-compatible explainer endpoint).

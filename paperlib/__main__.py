@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from paperlib.consistency_json import DEFAULT_THRESHOLDS
@@ -251,7 +252,7 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -268,7 +269,7 @@ def _cache_info(args: argparse.Namespace) -> int:
     from paperlib.store import default_root
 
     root = default_root()
-    spaces = []
+    spaces: list[dict[str, Any]] = []
     if root.is_dir():
         for ns in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             entries = [p for p in ns.iterdir() if p.is_dir() and not p.name.startswith(".")]

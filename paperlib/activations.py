@@ -488,7 +488,7 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
     d_model = int(model.get_input_embeddings().weight.shape[1])
     bounds = np.concatenate([[0], np.cumsum(keep.sum(1))])
     starts = range(0, len(tokens), cfg.shard_contexts)
-    plan = {
+    plan: dict[str, Any] = {
         "n_contexts": len(tokens),
         "context_length": cfg.context_length,
         "first_position": cfg.first_position,

@@ -80,7 +80,8 @@ def _last_touched(path: Path) -> float:
 def temporaries(root: str | os.PathLike, max_age_s: float = 0.0, recursive: bool = True) -> list[Path]:
     """paperlib temporaries under ``root`` (only directly in it unless ``recursive``) not touched for
     ``max_age_s`` seconds (0: all of them)."""
-    root, now, found = Path(root), time.time(), []
+    root, now = Path(root), time.time()
+    found: list[Path] = []
     if not root.is_dir():
         return found
     for parent, dirs, files in os.walk(root):

@@ -72,11 +72,12 @@ class TopContexts:
 
         def pack(values: Tensor, rows: Tensor) -> tuple[Example, ...]:
             seen: set[int] = set()  # a latent firing on fewer rows than samples repeats rows: show each once
-            return tuple(
-                Example(contexts.text(r, window, mark), contexts.token(r), float(v), r)
-                for v, r in zip(values.tolist(), rows.tolist())
-                if r >= 0 and not (r in seen or seen.add(r))
-            )
+            kept = []
+            for v, r in zip(values.tolist(), rows.tolist()):
+                if r >= 0 and r not in seen:
+                    seen.add(r)
+                    kept.append(Example(contexts.text(r, window, mark), contexts.token(r), float(v), r))
+            return tuple(kept)
 
         return [
             LatentExamples(

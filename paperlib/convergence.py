@@ -128,7 +128,7 @@ def logged_doubling(columns: Mapping[str, Any], rows_per_step: int) -> Convergen
     fvu = [float(np.mean(columns["fvu"][row])) for row in rows]
     pw = None
     if "pw_mcc" in columns and np.size(columns["pw_mcc"][rows[1]]):
-        pw = tuple(float(np.mean(columns["pw_mcc"][row])) for row in rows)
+        pw = (float(np.mean(columns["pw_mcc"][rows[0]])), float(np.mean(columns["pw_mcc"][rows[1]])))
     return Convergence((half * rows_per_step, full * rows_per_step), pw, (fvu[0], fvu[1]))
 
 

@@ -175,7 +175,7 @@ def _saelens_files(bank: SAEBank, i: int, metadata: Mapping[str, Any]) -> tuple[
         case "topk":
             architecture, extra = "topk", {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
         case "jumprelu":
-            architecture, tensors["threshold"] = "jumprelu", bank.log_threshold[i].exp()
+            architecture, tensors["threshold"] = "jumprelu", bank.get_parameter("log_threshold")[i].exp()
         case "batchtopk" | "matryoshka":
             # At inference a single threshold: relu(pre) where pre > θ, i.e. SAELens's JumpReLU with
             # every latent's threshold at θ (what SAELens's own BatchTopK/Matryoshka trainers save).
@@ -192,8 +192,8 @@ def _saelens_files(bank: SAEBank, i: int, metadata: Mapping[str, Any]) -> tuple[
                 "W_dec": W_dec,
                 "b_dec": b_dec,
                 "b_gate": b_enc,
-                "b_mag": bank.b_mag[i],
-                "r_mag": bank.r_mag[i],
+                "b_mag": bank.get_parameter("b_mag")[i],
+                "r_mag": bank.get_parameter("r_mag")[i],
             }
         case other:
             raise ValueError(f"{other} SAEs have no SAELens inference class to export to; {_EXPORTABLE}")
@@ -382,7 +382,7 @@ def _read_dictionary_learning(weights: Path) -> Decoder:
     except Exception as exc:  # truncated zip, pickle error, or objects weights_only refuses
         raise ValueError(f"{weights}: corrupt or unreadable torch file ({type(exc).__name__}: {exc})") from exc
     state = _unwrap_state_dict(loaded, weights)
-    trainer = {}
+    trainer: dict[str, Any] = {}
     if (weights.parent / DL_CONFIG).is_file():
         cfg = _read_json(weights.parent / DL_CONFIG)
         trainer = cfg.get("trainer", cfg) if isinstance(cfg.get("trainer", cfg), dict) else {}
@@ -504,9 +504,10 @@ def load_sae(path) -> SAEBank:
         )
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     try:
-        cfg = SAEConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["paperlib"].items() if k in known}
-        )
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in meta["paperlib"].items() if k in known
+        }
+        cfg = SAEConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path / CFG}: invalid 'paperlib' config ({exc})") from exc
     if cfg.n_seeds != 1:

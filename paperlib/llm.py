@@ -190,7 +190,7 @@ def _convert(gguf: Path, out: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # weights are already dequantised float32; let save_pretrained write them
+    model.hf_quantizer = None  # type: ignore[assignment]  # weights are already dequantised float32; let save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
@@ -335,7 +335,7 @@ def mean_next_token_loss(
     residual after block ``layer`` optionally replaced at the non-special positions from
     ``first_position`` on."""
     dev = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]  # type: ignore[operator]  # transformers' untyped head
     per_forward = max(1, min(batch, (1 << 26) // (tokens.shape[1] * vocab)))  # logits <= 256 MB
     special = torch.tensor(special_ids, dtype=torch.long)
     total, count = 0.0, 0

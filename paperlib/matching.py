@@ -46,6 +46,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +149,9 @@ class _Side:
 
 class _Problem:
     """Rows X [nr, d] (smaller side), columns Y [nc, d], both unit float64."""
+
+    u: np.ndarray  # the current duals of rows and columns, set by each solve (_sparse)
+    v: np.ndarray
 
     def __init__(
         self, x: np.ndarray, y: np.ndarray, signed: bool, dev: torch.device, top_c: int, block_rows: int
@@ -342,8 +346,9 @@ def _sparse(p: _Problem, t0: float) -> tuple[np.ndarray, np.ndarray, bool, dict]
     es = _lap.EdgeSet(p.nr, p.nc)
     r0, c0 = es.missing(*_initial_edges(p))
     es.add(r0, c0, p.exact(r0, c0))
-    st = dict(rounds=0, rows_rechecked=0, cols_rechecked=0, promoted=0, solves=0, bf_iters=0)
-    cap, sol, certified, dirty, sol_id = None, None, False, True, 0
+    st: dict[str, Any] = dict(rounds=0, rows_rechecked=0, cols_rechecked=0, promoted=0, solves=0, bf_iters=0)
+    sol: dict[str, Any] | None = None
+    cap, certified, dirty, sol_id = None, False, True, 0
     for _ in range(_MAX_ROUNDS):
         st["rounds"] += 1
         t = time.perf_counter()
@@ -402,6 +407,7 @@ def _sparse(p: _Problem, t0: float) -> tuple[np.ndarray, np.ndarray, bool, dict]
                 p.scan64(side, ids[~stale], d_own, d_oth, es, sol_id)
         dirty = p.violated
         tm["scan"] += time.perf_counter() - t
+    assert sol is not None  # the first round always solves
     sig = sol["sig"]
     w = es.w[np.searchsorted(es.key, np.arange(p.nr) * p.nc + sig)]  # float64, as solved
     viol = max(0.0, float((es.w - u[es.rows] - v[es.cols]).max()))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +89,7 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.{name} must be a finite number, got {value!r}")
         arch = self.arch
         if arch.needs_k:
-            if not is_int(self.k) or not 1 <= self.k <= self.n_latents:
+            if self.k is None or not is_int(self.k) or not 1 <= self.k <= self.n_latents:
                 raise ValueError(
                     f"{self.architecture} SAE needs 1 <= k <= n_latents={self.n_latents}, got k={self.k!r}"
                 )
@@ -140,6 +141,9 @@ class SAEConfig:
 
 class SAEBank(nn.Module):
     """S SAEs of one configuration with stacked parameters (see the module docstring)."""
+
+    tokens_since_fired: Tensor  # buffers, registered in __init__ (declared for type checkers)
+    threshold: Tensor
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -236,7 +240,8 @@ class SAEBank(nn.Module):
             parts["aux"] = self.cfg.aux_coeff * self._aux_k_loss(x, pre, recon)
         if torch.is_grad_enabled():  # a training step, not an evaluation
             self.cfg.arch.observe(self, codes.detach())
-        return sum(parts.values()).sum(), {k: v.detach() for k, v in parts.items()}, codes.detach(), recon.detach()
+        total = cast(Tensor, sum(parts.values()))  # parts are [S] tensors
+        return total.sum(), {k: v.detach() for k, v in parts.items()}, codes.detach(), recon.detach()
 
     def _aux_k_loss(self, x: Tensor, pre: Tensor, recon: Tensor) -> Tensor:
         """AuxK: the most active dead latents reconstruct the detached residual, normalised by the
@@ -280,7 +285,8 @@ class SAEBank(nn.Module):
         l1 = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
         dims = x.shape[1] if self.cfg.reconstruction == "mean" else 1
         if sparse is None:
-            sparse = self.cfg.architecture == "topk" and sparse_pays_off(self.cfg.k, self.cfg.n_latents)
+            k = self.cfg.k
+            sparse = self.cfg.architecture == "topk" and k is not None and sparse_pays_off(k, self.cfg.n_latents)
         if sparse:
             if self.cfg.architecture != "topk":
                 raise ValueError(f"the sparse path is for TopK SAEs, not {self.cfg.architecture}")

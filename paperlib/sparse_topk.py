@@ -48,6 +48,8 @@ def sparse_topk_loss_and_grads(
     """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), the loss sums [3, S] (squared
     error, L1, L0) and the [S, n] mask of latents that fired, for a TopK bank on batch ``x``."""
     k, n = bank.cfg.k, bank.cfg.n_latents
+    if k is None:
+        raise ValueError("the sparse TopK path needs a TopK configuration (k set)")
     grads = [
         torch.zeros_like(bank.W_dec),
         torch.empty_like(bank.W_enc),  # W_enc's and b_dec's: set per seed below

@@ -86,13 +86,16 @@ class _Walk:
     token, and each move's current ΔMSE parts Q_m and ⟨r, Z_m⟩ (``lin``)."""
 
     def __init__(self, small: SAEView, large: SAEView, p: _Pass, moves: list[Move], max_gram: int) -> None:
-        n_s, n = small.n_latents, p.residual.shape[0]
+        if p.residual is None:
+            raise ValueError("the walk needs the pass's residual (encode the pair with keep=True)")
+        residual = p.residual
+        n_s, n = small.n_latents, residual.shape[0]
         if (small.n_latents + large.n_latents) ** 2 > max_gram:
             raise ValueError(
                 f"the decoder Gram matrix of {small.n_latents + large.n_latents} latents exceeds "
                 f"max_gram_entries={max_gram} (4 bytes each); raise it if memory allows"
             )
-        self.r, self.r_sum, self.scale = p.residual, p.residual.sum(0), 1.0 / p.residual.numel()
+        self.r, self.r_sum, self.scale = residual, residual.sum(0), 1.0 / residual.numel()
         self.w = torch.cat([small.W_dec.double(), large.W_dec.double()])
         self.gram = self.w.float() @ self.w.float().T
         self.db = large.b_dec.double() - small.b_dec.double()
@@ -184,17 +187,21 @@ def _greedy(walk: _Walk, n_moves: int, bias: str) -> tuple[list[int], list[float
     """Move order (-1: the bias) and the exact ΔMSE of each (see the module docstring)."""
     order, deltas, done = [], [], torch.zeros(n_moves, dtype=torch.bool)
     if bias == "first":
-        order.append(-1), deltas.append(walk.make_bias())
+        order.append(-1)
+        deltas.append(walk.make_bias())
     for _ in range(n_moves):
         current = walk.deltas().masked_fill_(done, float("inf"))
         m = int(current.argmin())
         if bias == "ordered" and -1 not in order and walk.bias_delta() < float(current[m]):
-            order.append(-1), deltas.append(walk.make_bias())
+            order.append(-1)
+            deltas.append(walk.make_bias())
             m = int(walk.deltas().masked_fill_(done, float("inf")).argmin())
-        order.append(m), deltas.append(walk.make(m))
+        order.append(m)
+        deltas.append(walk.make(m))
         done[m] = True
     if -1 not in order:
-        order.append(-1), deltas.append(walk.make_bias())
+        order.append(-1)
+        deltas.append(walk.make_bias())
     return order, deltas
 
 

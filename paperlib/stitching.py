@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -120,6 +121,10 @@ def as_view(sae: SAEView | SAEBank, name: str) -> SAEView:
     raise TypeError(f"the {name} SAE must be an SAEBank or SAEView, got {type(sae).__name__}")
 
 
+@overload
+def _check_pair(small: SAEView, large: SAEView, x: Tensor) -> Tensor: ...
+@overload
+def _check_pair(small: SAEView, large: SAEView, x: None) -> None: ...
 def _check_pair(small: SAEView, large: SAEView, x: Tensor | None) -> Tensor | None:
     """Same d_model for both SAEs; ``x`` as finite float32 [N, d] on the CPU."""
     if small.d_model != large.d_model:
@@ -236,8 +241,10 @@ class _Pass:
 
 def _encode_pair(small: SAEView, large: SAEView, x: Tensor, chunk_size: int, keep: bool, max_entries: int) -> _Pass:
     n, d = x.shape
+    sum_f2, sum_fr = torch.zeros(2, large.n_latents, dtype=torch.float64)
     p = _Pass(
-        *torch.zeros(2, large.n_latents, dtype=torch.float64),
+        sum_f2,
+        sum_fr,
         [torch.zeros(small.n_latents), torch.zeros(large.n_latents)],
         [0.0, 0.0],
         torch.empty(n, d, dtype=torch.float64) if keep else None,
@@ -253,7 +260,7 @@ def _encode_pair(small: SAEView, large: SAEView, x: Tensor, chunk_size: int, kee
             p.fired[side] += torch.bincount(lat, minlength=sae.n_latents)
             if side == 0:
                 r_small = r
-                if keep:
+                if p.residual is not None:  # kept for paths
                     p.residual[start : start + len(chunk)] = r
             else:
                 p.sum_f2 += torch.bincount(lat, values.square(), minlength=sae.n_latents)
@@ -334,12 +341,13 @@ def stitch_moves(
     _check_pair(small, large, None)
     n_s, n_l = small.n_latents, large.n_latents
     s_unit, l_unit = _unit(small.W_dec), _unit(large.W_dec)
-    rows, cols = [], []
+    row_chunks, col_chunks = [], []
     for start in range(0, n_l, chunk_size):
         j, i = (l_unit[start : start + chunk_size] @ s_unit.T > threshold).nonzero(as_tuple=True)
-        rows.append(i.numpy())
-        cols.append(j.numpy() + start + n_s)
-    rows, cols = np.concatenate(rows or [np.zeros(0, int)]), np.concatenate(cols or [np.zeros(0, int)])
+        row_chunks.append(i.numpy())
+        col_chunks.append(j.numpy() + start + n_s)
+    rows = np.concatenate(row_chunks or [np.zeros(0, int)])
+    cols = np.concatenate(col_chunks or [np.zeros(0, int)])
     if orphans == "nearest" and n_l and n_s:
         lonely = np.setdiff1d(np.arange(n_s), rows)
         nearest = max_cosine(small.W_dec[lonely], large.W_dec, chunk_size)[1].numpy()

@@ -122,7 +122,7 @@ def subspace_agreement(
             np.flatnonzero(stability.cosines[i][:, j - 1] < threshold),  # NaN compares False: left out
             np.flatnonzero(stability.cosines[j][:, i] < threshold),
         )
-        sides = [_right_singular(runs[r][idx]) if len(idx) else (None, 0) for r, idx in zip((i, j), below)]
+        sides = [_right_singular(runs[r][idx]) if len(idx) else (np.zeros((0, d)), 0) for r, idx in zip((i, j), below)]
         k = min(sides[0][1], sides[1][1], cap)
         cosines = principal_cosines(sides[0][0][:k], sides[1][0][:k]) if k else np.zeros(0)
         pairs.append(PairAgreement((i, j), below, cosines))

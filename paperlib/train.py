@@ -51,6 +51,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.n
     variance = (x - x.mean(0)).square().sum() / n
     out["mse"] = out["sq_err"] / x.shape[1]
     out["fvu"] = out.pop("sq_err") / variance.clamp_min(1e-30)
-    out["loss"] = sum(v for k, v in out.items() if k.startswith("loss_"))
+    out["loss"] = cast(Tensor, sum(v for k, v in out.items() if k.startswith("loss_")))
     out["dead"] = (bank.tokens_since_fired >= bank.cfg.dead_tokens).float().mean(-1)
     return {name: value.cpu().numpy() for name, value in out.items()}
 
@@ -219,7 +220,7 @@ def data_fingerprint(x: Tensor) -> dict:
     digest = hashlib.sha256()
     rows = max(1, (64 << 20) // max(1, x.shape[1] * x.element_size()))
     for start in range(0, x.shape[0], rows):
-        digest.update(x[start : start + rows].detach().cpu().contiguous().numpy())
+        digest.update(x[start : start + rows].detach().cpu().contiguous().numpy().tobytes())
     return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."), "sha256": digest.hexdigest()}
 
 
@@ -293,11 +294,11 @@ def train(
     log: dict[str, list] = {"step": []}
     snapshots: dict[int, Tensor] = {}
     resume = _Resume(cfg.checkpoint_dir, bank, cfg, data_fingerprint(x)) if cfg.checkpoint_dir else None
-    start = resume.load(bank, optimizer, log, snapshots) if resume else None
-    if start is None:
+    resumed = resume.load(bank, optimizer, log, snapshots) if resume else None
+    if resumed is None:
         scale, start = _prepare(bank, x, cfg), 0
     else:
-        start, scale = start
+        start, scale = resumed
     x = x * scale if scale != 1.0 else x
     eval_x = x if cfg.eval_rows is None else x[: cfg.eval_rows]
     checkpoints = set(cfg.checkpoint_steps())
@@ -384,15 +385,16 @@ def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: T
             param.grad = grads[name]
         check, fired = parts["sq_err"], parts["fired"]
     else:
-        check, fired = sum(parts.values()), (codes > 0).any(1)
+        check, fired = cast(Tensor, sum(parts.values())), (codes > 0).any(1)
         total.backward()
     if not torch.isfinite(check).all():
         _stop_non_finite(step, bank, check)
     bank.record_firing(fired, batch.shape[0])
     if bank.cfg.decoder == "unit":
         with torch.no_grad():  # remove the gradient component that would change row norms
-            rows = bank.W_dec
-            bank.W_dec.grad -= (bank.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+            rows, grad = bank.W_dec, bank.W_dec.grad
+            assert grad is not None  # set above, by backward() or the closed form
+            grad -= (grad * rows).sum(-1, keepdim=True) * rows
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr_at(step)
     optimizer.step()

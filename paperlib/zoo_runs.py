@@ -15,6 +15,7 @@ Pilots are stored runs: a second calibration, in any notebook, trains nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ def zoo_run(
     the L1 family with ``calibrate``, its L1 coefficient first calibrated on pilot runs (same
     schedule without decoder snapshots, ``pilot_seeds`` seeds from ``seed``)."""
     cfg = rule_config(architecture, acts.d_model, n_latents, sparsity, n_seeds, seed, aux_coeff)
-    kwargs = dict(device=device, progress=progress)
+    kwargs: dict[str, Any] = dict(device=device, progress=progress)
     calibration = None
     if calibrate and architecture in L1_FAMILY:
         if not isinstance(pilot_seeds, int) or pilot_seeds < 1:
