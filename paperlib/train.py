@@ -166,7 +166,9 @@ class History:
 @torch.no_grad()
 def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.ndarray]:
     """Per-seed metrics on ``x``: the training loss and its parts, and at inference mse (element
-    mean), fvu (fraction of variance unexplained), l1, l0 and the fraction of dead latents."""
+    mean), fvu (fraction of variance unexplained), l1, l0, and ``dead_in_training``: the fraction of
+    latents the trainer counts as dead (no firing in the last ``dead_tokens`` training tokens; not a
+    held-out statistic: ``runs.firing_rates`` on held-out rows gives that)."""
     sums: dict[str, Tensor] = {}
     for start in range(0, x.shape[0], chunk_size):
         chunk = x[start : start + chunk_size]
@@ -184,7 +186,7 @@ def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.n
     out["mse"] = out["sq_err"] / x.shape[1]
     out["fvu"] = out.pop("sq_err") / variance.clamp_min(1e-30)
     out["loss"] = cast(Tensor, sum(v for k, v in out.items() if k.startswith("loss_")))
-    out["dead"] = (bank.tokens_since_fired >= bank.cfg.dead_tokens).float().mean(-1)
+    out["dead_in_training"] = (bank.tokens_since_fired >= bank.cfg.dead_tokens).float().mean(-1)
     return {name: value.cpu().numpy() for name, value in out.items()}
 
 
