@@ -3,8 +3,9 @@
 Our banks are saved (``save_sae``) one seed per directory in a SAELens-like layout (``cfg.json`` plus
 ``sae_weights.safetensors`` with ``W_enc`` [d, n], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d]) that also
 keeps every training buffer (thresholds' running means, dead-latent counters, P-anneal's state) and, in
-a ``"paperlib"`` object of ``cfg.json``, our full ``SAEConfig``, so that ``load_sae`` rebuilds the exact
-bank. SAELens loads state dicts strictly, so it cannot open these; ``export_sae`` writes the inference
+a ``"paperlib"`` object of ``cfg.json``, our full ``SAEConfig``, so that ``load_bank`` rebuilds the exact
+bank from ``save_sae``'s directory, and ``load_sae`` one seed of it (or what ``save_single`` wrote).
+SAELens loads state dicts strictly, so it cannot open these; ``export_sae`` writes the inference
 weights alone, in the files SAELens (``SAE.load_from_disk``) or sparsify (``SparseCoder.load_from_disk``)
 load (one way: ``load_sae`` refuses them, ``read_decoder`` reads them). Layouts by architecture:
 
@@ -494,7 +495,8 @@ def load_sae(path) -> SAEBank:
         path = path.parent
     if not (path / CFG).is_file():
         raise FileNotFoundError(
-            f"{path}: no {CFG}; load_sae reads directories written by save_sae{_hint_for_directory(path)}"
+            f"{path}: no {CFG}; load_sae reads one seed's directory (save_single, or one seed_<i> of save_sae; "
+            f"load_bank reads a whole save_sae directory){_hint_for_directory(path)}"
         )
     meta = _read_json(path / CFG)
     if not isinstance(meta.get("paperlib"), dict):
@@ -525,4 +527,33 @@ def load_sae(path) -> SAEBank:
                 )
             state[name] = value[None]
     bank.load_state_dict(state)
+    return bank
+
+
+def load_bank(path) -> SAEBank:
+    """Rebuild the exact bank ``save_sae`` wrote to ``path`` (its ``seed_0``, ``seed_1``, ...
+    directories): one bank of every seed, in order, in the dtype it was saved in."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory; load_bank reads the directory save_sae wrote")
+    found = {int(p.name[5:]): p for p in path.glob("seed_*") if p.is_dir() and p.name[5:].isdigit()}
+    if not found:
+        raise FileNotFoundError(
+            f"{path}: no seed_<i> directories; load_bank reads what save_sae writes (load_sae reads one seed)"
+        )
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"{path}: seed directories {sorted(found)} are not 0..{len(found) - 1}; a seed is missing")
+    seeds = [load_sae(found[i]) for i in range(len(found))]
+    first = seeds[0]
+    for i, one in enumerate(seeds[1:], 1):
+        if dataclasses.replace(one.cfg, seed=first.cfg.seed) != first.cfg or one.cfg.seed != first.cfg.seed + i:
+            raise ValueError(
+                f"{found[i]}: its config is not seed_0's with seed {first.cfg.seed + i} ({one.cfg} against "
+                f"{first.cfg}); these directories do not hold one bank"
+            )
+        if one.W_dec.dtype != first.W_dec.dtype:
+            raise ValueError(f"{found[i]}: saved as {one.W_dec.dtype}, seed_0 as {first.W_dec.dtype}")
+    bank = SAEBank(dataclasses.replace(first.cfg, n_seeds=len(seeds))).to(first.W_dec.dtype)
+    states = [one.state_dict() for one in seeds]
+    bank.load_state_dict({name: torch.cat([state[name] for state in states]) for name in bank.state_dict()})
     return bank

@@ -7,6 +7,7 @@ dicts of its dictionary classes + ``config.json``), never mocked.
 """
 
 import json
+import shutil
 import re
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from paperlib.io import Decoder, load_sae, read_decoder, save_sae, save_single
+from paperlib.io import Decoder, load_bank, load_sae, read_decoder, save_sae, save_single
 from paperlib.sae import SAEBank, SAEConfig
 
 D, N = 8, 24
@@ -45,6 +46,37 @@ def test_save_load_round_trip_is_bitwise(tmp_path, architecture):
             assert torch.equal(getattr(loaded, name)[0], getattr(bank, name)[i]), name
         x = torch.randn(5, D)
         assert torch.equal(loaded(x)[0], bank.seed(i)(x)[0])
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "gated"])
+def test_load_bank_rebuilds_what_save_sae_wrote_bitwise(tmp_path, architecture):
+    bank = _bank(architecture)
+    bank.tokens_since_fired.fill_(5.0)  # buffers travel too (NaN would not compare equal: set them)
+    bank.threshold.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    loaded = load_bank(save_sae(bank, tmp_path / "bank")[0].parent)
+    assert loaded.cfg == bank.cfg
+    for (name, want), (other, got) in zip(bank.state_dict().items(), loaded.state_dict().items()):
+        assert name == other and torch.equal(got, want), name
+
+
+def test_load_bank_keeps_float64(tmp_path):
+    bank = _bank(dtype=torch.float64)
+    assert torch.equal(load_bank(save_sae(bank, tmp_path)[0].parent).W_dec, bank.W_dec)
+
+
+def test_load_bank_refuses_a_missing_seed_and_foreign_seeds(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no seed_<i> directories.*load_sae reads one seed"):
+        load_bank(tmp_path)
+    save_sae(_bank("topk"), tmp_path / "gap")
+    shutil.rmtree(tmp_path / "gap" / "seed_1")
+    with pytest.raises(ValueError, match=r"seed directories \[0, 2\] are not 0..1; a seed is missing"):
+        load_bank(tmp_path / "gap")
+    save_sae(_bank("topk"), tmp_path / "mixed")
+    save_single(_bank("relu", n_seeds=1), tmp_path / "mixed" / "seed_2")
+    with pytest.raises(ValueError, match="seed_2: its config is not seed_0's.*do not hold one bank"):
+        load_bank(tmp_path / "mixed")
+    with pytest.raises(FileNotFoundError, match="load_bank reads a whole save_sae directory"):
+        load_sae(tmp_path / "mixed")
 
 
 def test_saved_config_is_saelens_style(tmp_path):
