@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +139,24 @@ class SAEConfig:
         return self.arch.closed_form and not self.aux_coeff
 
 
+class Loss(NamedTuple):
+    """A training loss: ``total`` summed over seeds (differentiable), its ``parts`` per seed [S]
+    (detached) and the ``codes`` [S, B, n] it came from (detached)."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+    codes: Tensor
+
+
+class LossAndReconstruction(NamedTuple):
+    """``Loss`` and the reconstructions [S, B, d] (detached) it was computed from."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+    codes: Tensor
+    recon: Tensor
+
+
 class SAEBank(nn.Module):
     """S SAEs of one configuration with stacked parameters (see the module docstring)."""
 
@@ -219,15 +237,13 @@ class SAEBank(nn.Module):
         scale = x.shape[-1] if self.cfg.reconstruction == "mean" else 1
         return per_sample.mean(-1) / scale
 
-    def loss(self, x: Tensor, sparsity_scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def loss(self, x: Tensor, sparsity_scale: float = 1.0) -> Loss:
         """Training loss summed over seeds (differentiable), its parts per seed [S], and the codes.
         ``sparsity_scale`` multiplies the sparsity terms (``l1``, ``l0``, ``lp``) during their warm-up."""
         total, parts, codes, _ = self.loss_and_reconstruction(x, sparsity_scale)
-        return total, parts, codes
+        return Loss(total, parts, codes)
 
-    def loss_and_reconstruction(
-        self, x: Tensor, sparsity_scale: float = 1.0
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    def loss_and_reconstruction(self, x: Tensor, sparsity_scale: float = 1.0) -> LossAndReconstruction:
         """``loss`` and the reconstructions [S, B, d] it was computed from (detached), so that an
         evaluation does not decode the same codes a second time."""
         pre = self.pre_activations(x)
@@ -241,7 +257,8 @@ class SAEBank(nn.Module):
         if torch.is_grad_enabled():  # a training step, not an evaluation
             self.cfg.arch.observe(self, codes.detach())
         total = cast(Tensor, sum(parts.values()))  # parts are [S] tensors
-        return total.sum(), {k: v.detach() for k, v in parts.items()}, codes.detach(), recon.detach()
+        detached = {k: v.detach() for k, v in parts.items()}
+        return LossAndReconstruction(total.sum(), detached, codes.detach(), recon.detach())
 
     def _aux_k_loss(self, x: Tensor, pre: Tensor, recon: Tensor) -> Tensor:
         """AuxK: the most active dead latents reconstruct the detached residual, normalised by the

@@ -168,3 +168,12 @@ def test_one_seed_of_a_float64_bank_stays_float64():
     assert one.W_dec.dtype == torch.float64 and one.cfg.seed == 3
     for name, value in one.state_dict().items():  # bitwise; an untrained threshold is NaN in both
         torch.testing.assert_close(value[0], bank.state_dict()[name][1], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_loss_outputs_are_named():
+    bank = SAEBank(SAEConfig("relu", d_model=4, n_latents=6, l1_coeff=0.1, n_seeds=2))
+    x = torch.randn(5, 4)
+    out = bank.loss_and_reconstruction(x)
+    assert out.recon.shape == (2, 5, 4) and out.codes.shape == (2, 5, 6) and set(out.parts) == {"recon", "l1"}
+    total, parts, codes = bank.loss(x)  # still unpacks as a tuple
+    assert torch.equal(total, bank.loss(x).total) and torch.equal(codes, out.codes)
