@@ -19,7 +19,8 @@ Either measure gives NaN for a pair where one explanation is empty.
 
 Statistics: ``bin_scores`` bins pairs by their decoder cosine with paper A's edges
 (0.07, 0.11, 0.19, 0.34, 0.58, 1.0) and gives per-bin count, mean and a bootstrap interval;
-``spearman`` is the rank correlation with a bootstrap interval over pairs; ``random_pairs`` draws
+``spearman`` is the rank correlation with a bootstrap interval over pairs, ``spearman_test`` the same
+ρ with its permutation p-value (exact for few points); ``random_pairs`` draws
 mismatched pairs for the chance baseline (explanations of two unrelated latents).
 """
 
@@ -29,8 +30,8 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -285,6 +286,41 @@ def spearman(x, y, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Co
     tail = (1 - level) / 2
     lo, hi = (np.quantile(boots, tail), np.quantile(boots, 1 - tail)) if len(boots) else (math.nan, math.nan)
     return Correlation(float(rho(np.arange(len(x)))), float(lo), float(hi), len(x))
+
+
+@dataclass(frozen=True)
+class RankTest:
+    """Spearman's ``rho`` of ``n`` pairs and its two-sided permutation ``p``-value (``exact``: over
+    every pairing, else Monte Carlo)."""
+
+    rho: float
+    p: float
+    n: int
+    exact: bool
+
+
+def spearman_test(a, b, n_resamples: int = 9_999) -> RankTest:
+    """Spearman's ρ of ``a`` and ``b`` and its permutation p-value: exact (all n! pairings) when
+    n! <= ``n_resamples``, e.g. for 7 architectures, else ``n_resamples`` seeded random pairings.
+    Fewer than 3 pairs give NaN."""
+    from scipy.stats import permutation_test, rankdata
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"spearman_test needs two 1-D arrays of the same length, got {a.shape} and {b.shape}")
+    if len(a) < 3:
+        return RankTest(math.nan, math.nan, len(a), False)
+    rb = rankdata(b) - (len(b) + 1) / 2
+
+    def rho(x, axis=-1):
+        ra = rankdata(x, axis=-1) - (x.shape[-1] + 1) / 2
+        denominator = np.sqrt((ra**2).sum(-1) * (rb**2).sum())
+        return np.divide((ra * rb).sum(-1), denominator, out=np.full(ra.shape[:-1], np.nan), where=denominator > 0)
+
+    test = permutation_test(
+        (a,), rho, permutation_type="pairings", n_resamples=n_resamples, vectorized=True, random_state=0
+    )
+    return RankTest(float(test.statistic), float(test.pvalue), len(a), math.factorial(len(a)) <= n_resamples)
 
 
 def random_pairs(n: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

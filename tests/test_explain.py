@@ -285,3 +285,23 @@ def test_spearman_with_bootstrap_interval_and_random_pairs():
     assert (i != j).all() and i.min() == 0 and j.max() == 4
     with pytest.raises(ValueError, match="n >= 2"):
         random_pairs(1, 3)
+
+
+def test_spearman_test_matches_every_pairing_by_hand():
+    from itertools import permutations
+
+    from scipy.stats import spearmanr
+
+    from paperlib.similarity import spearman_test
+
+    a = np.array([0.91, 0.94, 0.86, 0.71, 0.88, 0.93, 0.95])
+    b = np.array([0.90, 0.92, 0.83, 0.70, 0.86, 0.93, 0.93])  # a tie, as real MCCs have
+    result = spearman_test(a, b)
+    assert result.exact and result.n == 7 and result.rho == pytest.approx(spearmanr(a, b).statistic)
+    null = np.array([spearmanr(a[list(order)], b).statistic for order in permutations(range(7))])
+    tol = 1e-12  # two-sided: twice the smaller tail, counting ties with the observed value
+    want = min(1.0, 2 * min((null <= result.rho + tol).mean(), (null >= result.rho - tol).mean()))
+    assert result.p == pytest.approx(want)
+    assert np.isnan(spearman_test([1.0, 2.0], [2.0, 1.0]).rho)
+    with pytest.raises(ValueError, match="same length"):
+        spearman_test([1, 2, 3], [1, 2])
