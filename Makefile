@@ -24,7 +24,7 @@ ASSETS_STAMP := $(VENV)/.assets-stamp
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
-LIBRARY := $(wildcard paperlib/*.py paperlib/*.cpp)
+LIBRARY := $(shell find paperlib -name '*.py' -o -name '*.cpp' -o -name '*.toml')
 
 .PHONY: setup assets browser figures screenshots test test-integration test-peers lab bench lock clean clean-cache
 
@@ -102,7 +102,7 @@ $(PEERS_STAMP): requirements/bench-peers.txt
 	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/bench-peers.txt
 	touch $@
 
-# The libraries paperlib exports to (paperlib.io.export_sae), pinned with the training benchmark's peers.
+# The libraries paperlib exports to (paperlib.interop.export_sae), pinned with the training benchmark's peers.
 INTEROP := benchmarks/.venv-peers-interop
 INTEROP_STAMP := $(INTEROP)/.stamp
 INTEROP_PINS := requirements/bench-train-peers.txt

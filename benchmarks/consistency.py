@@ -1,4 +1,4 @@
-"""Benchmark exact PW-MCC matching: paperlib.matching vs scipy / lap / lapjv.
+"""Benchmark exact PW-MCC matching: paperlib.metrics.matching vs scipy / lap / lapjv.
 
     python benchmarks/consistency.py [--sizes 4096 16384 65536] [--out benchmarks/results/consistency.json]
 
@@ -47,7 +47,7 @@ def _peak_rss_gb() -> float:
 def _child(method: str, data_dir: str) -> None:
     if method == "paperlib":  # import before timing
         sys.path.insert(0, str(ROOT))
-        from paperlib.matching import match
+        from paperlib.metrics.matching import match
     a = np.load(os.path.join(data_dir, "a.npy"))
     b = np.load(os.path.join(data_dir, "b.npy"))
     rss_load = _peak_rss_gb()

@@ -7,7 +7,7 @@ On the packaged SmolLM2-135M-Instruct and packaged Wikipedia contexts (the defau
 - ``load``: the first ``load_model("smollm2")`` (dequantise the GGUF, write and verify the converted
   directory) and a later one (read the converted directory, sha256-verify it), each in a fresh
   subprocess with an empty in-process cache;
-- ``forward``: tokens/s of ``paperlib.llm.residual`` (runs blocks 0..layer only, stops by a hook) vs
+- ``forward``: tokens/s of ``paperlib.sources.llm.residual`` (runs blocks 0..layer only, stops by a hook) vs
   ``model(ids, output_hidden_states=True).hidden_states[layer + 1]`` (all 30 blocks and the
   unembedding), same contexts and batch size, one warm-up batch each, then alternating repeats; the
   largest difference between the two outputs is recorded;
@@ -80,7 +80,7 @@ def _load_child(store_root: str) -> None:
 
     importlib.import_module("transformers.models.llama.modeling_llama")  # import time reported apart
 
-    from paperlib.llm import load_model
+    from paperlib.sources.llm import load_model
     from paperlib.store import Store
 
     imports = time.perf_counter() - t
@@ -105,7 +105,7 @@ def _run_load(store_root: str) -> dict:
 def _forward_rates(model, tokens, layer: int, batch: int, repeats: int) -> dict:
     import torch
 
-    from paperlib.llm import residual
+    from paperlib.sources.llm import residual
 
     def ours(ids):
         return residual(model, layer, ids)
@@ -146,8 +146,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from paperlib.activations import ActivationConfig, contexts, load_activations
-    from paperlib.llm import load_model
+    from paperlib.sources.activations import ActivationConfig, contexts, load_activations
+    from paperlib.sources.llm import load_model
     from paperlib.store import Store
 
     result = {
@@ -171,7 +171,7 @@ def main() -> None:
         n_tokens = args.contexts * args.context_length
         for layer in args.layers:
             cfg = ActivationConfig(layer=layer, context_length=args.context_length, n_tokens=n_tokens)
-            tokens = contexts(cfg, store).long()
+            tokens = contexts(cfg, store=store).long()
             rec = {
                 "what": "forward",
                 "layer": layer,
@@ -199,7 +199,7 @@ def main() -> None:
                 "loadavg_before": list(os.getloadavg()),
             }
             t = time.perf_counter()
-            acts = load_activations(cfg, store, progress=False)
+            acts = load_activations(cfg, store=store, progress=False)
             rec.update(wall_seconds=time.perf_counter() - t, rows=len(acts), **acts.meta["extraction"])
             result["measurements"].append(rec)
             _write(args.out, result)

@@ -3,7 +3,7 @@
     python benchmarks/organism_step.py [--repeats N] [--out PATH]
 
 At the model organism's sizes a step is memory- and overhead-bound, not GEMM-bound, so this is where
-the fused kernel (``paperlib/fused.py``) matters: notebook 01 runs 60,000 such steps. Measured per
+the fused kernel (``paperlib/sae/kernels/fused.py``) matters: notebook 01 runs 60,000 such steps. Measured per
 shape, in this process: ``SAEBank.loss_and_grads`` (gradients and loss sums of every seed; the
 torch path compiled as in training) with ``PAPERLIB_FUSED=1`` and ``0``, and a whole ``train()``
 (Adam included, two evaluations included) of ``--train-steps`` steps with each. The step's FLOPs are
@@ -19,7 +19,7 @@ Under load (``--load``, on by default): each fused step (the three shapes above,
 ``fused_step.cpp``, and notebook 06's sparse TopK step, d=576, n=1152, k=32, batches of 1,024,
 3 seeds, whose tail runs in ``fused_sparse.cpp``) is run for a few seconds on the quiet machine and
 again beside a busy loop this script starts and stops itself (one process spinning on one core), with
-thread counts chosen by measurement as ``train()`` chooses them (``paperlib.fused``: the whole step's
+thread counts chosen by measurement as ``train()`` chooses them (``paperlib.sae.kernels.fused``: the whole step's
 for the small fused SAEs, the sparse kernel's alone for the LLM-sized one, whose GEMMs must keep their
 thread count) and pinned to torch's full thread count (what training did before). Reported: steps/s beside the
 busy loop as a fraction of quiet steps/s. On 2 cores a fair share is 50 %; the target is >= 40 %.
@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import _git_commit, _load, _machine, _matmul_gflops, _write  # noqa: E402
 
-from paperlib import fused  # noqa: E402
-from paperlib.sae import SAEBank, SAEConfig  # noqa: E402
-from paperlib.train import TrainConfig, train  # noqa: E402
+from paperlib.sae.kernels import fused  # noqa: E402
+from paperlib.sae.bank import SAEBank, SAEConfig  # noqa: E402
+from paperlib.sae.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "organism_step.json"
 SHAPES = [  # (label, architecture, d, n, k, rows per step, seeds)

@@ -14,11 +14,11 @@ file, so torch stays at the CPU wheel 2.13.0). A peer that cannot be installed o
 skipped with the reason recorded; nothing here raises because of a peer.
 
 What is timed
-    paperlib: ``paperlib.train.train`` as a user calls it. A first call of ``--warmup`` steps
+    paperlib: ``paperlib.sae.train.train`` as a user calls it. A first call of ``--warmup`` steps
     (torch.compile of the closed-form step, first allocations) is timed separately as warm-up;
     the second call of ``--steps`` steps is the measurement. ``train`` always evaluates the bank
     before the first and after the last step (``eval_rows`` = one batch); those two evaluations are
-    timed where they run (the child wraps ``paperlib.train.evaluate``) and subtracted
+    timed where they run (the child wraps ``paperlib.sae.train.evaluate``) and subtracted
     (``seconds``); the whole call is kept as ``seconds_with_evals``. ``step_path`` records which
     closed-form step paperlib took (its sparse TopK path or the dense one).
     peers: each library's own SAE class, loss and training-step bookkeeping, driven by a loop of
@@ -31,7 +31,7 @@ native bf16 (AVX512-BF16 or AMX). Its roofline is the machine's bf16 matmul rate
 the peers (all fp32) is reported separately, as ``paperlib_bf16_over_fastest_peer_fp32``.
 
 paperlib-auxk (and paperlib-auxk-bf16): the single-seed run with the AuxK dead-latent loss at weight
-1/32, the configuration notebooks 06-10 train (their TopK family: ``zoo_runs.rule_config``). AuxK
+1/32, the configuration notebooks 06-10 train (their TopK family: ``runs.zoo.rule_config``). AuxK
 adds a top-k over the dead latents' pre-activations and a second decode while any latent is dead;
 ``auxk_cost`` = paperlib's tokens/s without it / with it. Of the peers only dictionary_learning
 trains with AuxK here (its default weight, recorded as ``auxk_alpha``).
@@ -41,7 +41,7 @@ token, so a bank of S seeds trains S * that many SAE-tokens per second: ``tokens
 and that aggregate as a fraction of the machine's dense fp32 matmul roofline for the one
 unavoidable forward encoder matmul: roofline tokens/s = (FLOP/s of a [4096, d] x [d, n] float32
 matmul, measured here) / (2 d n). torch has two fp32 GEMMs on CPU: ``torch.matmul`` (MKL, what the
-peers call) and oneDNN's linear (what paperlib's sparse TopK step calls, ``paperlib.gemm``); on AMD
+peers call) and oneDNN's linear (what paperlib's sparse TopK step calls, ``paperlib.sae.kernels.gemm``); on AMD
 CPUs oneDNN is ~2x faster, so the roofline takes the faster of the two and both rates are recorded.
 Ratios per size: paperlib (one seed) / fastest peer, and S=3 seeds in one bank vs three separate
 single-seed runs (sum of their times / the bank's time). The load average (``os.getloadavg()``) is
@@ -104,7 +104,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
 K = 32
 BATCH = 4096
 LR = 1e-4
-AUX_COEFF = 1 / 32  # the LLM notebooks' AuxK weight (paperlib.zoo_runs.rule_config)
+AUX_COEFF = 1 / 32  # the LLM notebooks' AuxK weight (paperlib.runs.zoo.rule_config)
 DATA_BATCHES = 4  # rows of synthetic data = DATA_BATCHES * BATCH
 DATA_RANK = 64
 DATA_SEED = 1234
@@ -378,13 +378,13 @@ def _child_paperlib(
     import warnings
 
     sys.path.insert(0, str(ROOT))
-    import paperlib.train as paperlib_train
+    import paperlib.sae.train as paperlib_train
     from paperlib.runtime import compile_enabled
-    from paperlib.sae import SAEBank, SAEConfig
-    from paperlib.train import TrainConfig, train
+    from paperlib.sae.bank import SAEBank, SAEConfig
+    from paperlib.sae.train import TrainConfig, train
 
     try:  # which closed-form step train() takes for this configuration
-        from paperlib.sparse_topk import sparse_pays_off
+        from paperlib.sae.kernels.sparse_topk import sparse_pays_off
 
         step_path = "sparse_topk" if sparse_pays_off(args.k, args.n) else "dense_closed_form"
     except ImportError:

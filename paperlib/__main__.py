@@ -1,13 +1,13 @@
 """Command line: ``python -m paperlib consistency RUN RUN ...``, ``python -m paperlib cache info|clean``.
 
-``consistency`` reads the decoder of every RUN (any layout ``paperlib.io.read_decoder`` knows:
+``consistency`` reads the decoder of every RUN (any layout ``paperlib.interop.read_decoder`` knows:
 paperlib, SAELens, sparsify, dictionary_learning), matches every pair of runs exactly and reports
 PW-MCC with the chance level of random dictionaries of the same shapes (for runs of several widths,
 the mean over pairs of each pair's chance level), so a number is never shown without the baseline
 it has to beat, whether every matching was certified optimal, and per-latent stability over
 thresholds beside its chance curve. Zero-norm decoder rows (dead latents) score cosine 0 and keep
 their slot, at every size; ``--drop-dead`` leaves them out instead. ``--json`` prints, and ``--out
-FILE`` writes, the whole result as a versioned document (``paperlib.consistency_json``: complete
+FILE`` writes, the whole result as a versioned document (``paperlib.metrics.consistency_json``: complete
 matchings, per-latent stability, provenance); ``consistency show FILE`` reads one back, checks it
 against its schema and the weight files still present, and prints the table.
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 from pathlib import Path
 
-from paperlib.consistency_json import DEFAULT_THRESHOLDS
+from paperlib.metrics.consistency_json import DEFAULT_THRESHOLDS
 
 
 class UsageError(Exception):
@@ -144,7 +144,7 @@ def _consistency(args: argparse.Namespace) -> int:
         raise UsageError(f"--chance-samples must be >= 0, got {args.chance_samples}")
     device = _resolve_device(args.device)
     from paperlib.atomic import write_text
-    from paperlib.consistency_json import compare
+    from paperlib.metrics.consistency_json import compare
 
     try:
         document = compare(
@@ -173,7 +173,7 @@ def _write_page(path: str | None, document: dict) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from paperlib.consistency_json import read
+    from paperlib.metrics.consistency_json import read
 
     try:
         document, checks = read(args.file)

@@ -18,7 +18,7 @@ Schema (checked, errors name the item and the key):
   and optional ``members`` (list of [latent id, weight, label]) and ``neighbours`` (as above).
 
 ``write_consistency_explorer`` builds the second page on the same machinery: the latents of one run
-of a consistency document (``paperlib.consistency_json``), most stable first, each with its matched
+of a consistency document (``paperlib.metrics.consistency_json``), most stable first, each with its matched
 partner and cosine in every other run, tagged stable / below chance, with the chance level.
 """
 
@@ -182,6 +182,7 @@ def write_explorer(
     title: str,
     notes: str,
     latents: Sequence[Mapping],
+    *,
     meta_latents: Mapping[int, Mapping] | None = None,
     neighbour_heading: str = "nearest latents in other SAEs (decoder cosine)",
 ) -> Path:

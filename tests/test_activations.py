@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib import activations as A
-from paperlib.corpus import documents, pack, separator_id, special_ids
-from paperlib.llm import decoder_blocks, load_model, residual
+from paperlib.sources import activations as A
+from paperlib.sources.corpus import documents, pack, separator_id, special_ids
+from paperlib.sources.llm import decoder_blocks, load_model, residual
 from paperlib.store import Store
 
 N_LAYERS = 3
@@ -87,7 +87,7 @@ def interrupt_extraction(config, store, forwards: int = 8) -> None:
     handle = decoder_blocks(model)[0].register_forward_hook(interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
-            A.load_activations(config, store, progress=False)
+            A.load_activations(config, store=store, progress=False)
     finally:
         handle.remove()
 
@@ -95,7 +95,7 @@ def interrupt_extraction(config, store, forwards: int = 8) -> None:
 def reference_rows(config, store):
     """Activations computed directly from a full forward with output_hidden_states."""
     model, tokenizer = load_model(config.model, store)
-    tokens = A.contexts(config, store).long()
+    tokens = A.contexts(config, store=store).long()
     with torch.no_grad():
         hidden = model(input_ids=tokens, output_hidden_states=True).hidden_states[config.layer + 1]
     keep = torch.from_numpy(A.row_mask(tokens.numpy(), special_ids(tokenizer), config.first_position))
@@ -142,7 +142,7 @@ def test_packaged_wikipedia_is_shuffled_deterministically():
 def test_extraction_matches_a_full_forward_and_round_trips(tiny, tmp_path):
     store = Store(tmp_path)
     config = cfg(tiny)
-    acts = A.load_activations(config, store, progress=False)
+    acts = A.load_activations(config, store=store, progress=False)
     n_contexts = config.n_tokens // config.context_length
     assert acts.tokens.shape == (n_contexts, 16) and acts.x.dtype == torch.float16
     assert acts.x.shape == (len(acts.row_context), 32) and acts.d_model == 32
@@ -156,7 +156,7 @@ def test_extraction_matches_a_full_forward_and_round_trips(tiny, tmp_path):
     assert len(manifest["done"]) == len(manifest["plan"]["shards"]) == 5
     assert not (acts.path / "progress.json").exists()
     stamp = (acts.path / "manifest.json").stat().st_mtime_ns
-    again = A.load_activations(config, store, progress=False)
+    again = A.load_activations(config, store=store, progress=False)
     assert torch.equal(again.x, acts.x) and (acts.path / "manifest.json").stat().st_mtime_ns == stamp
     row = int((acts.row_position == 5).nonzero()[0])
     ids = acts.tokens[acts.row_context[row]].tolist()
@@ -173,7 +173,7 @@ def test_extraction_matches_a_full_forward_and_round_trips(tiny, tmp_path):
 def test_bfloat16_storage_and_first_position(tiny, tmp_path):
     store = Store(tmp_path)
     config = cfg(tiny, dtype="bfloat16", first_position=1, layer=0)
-    acts = A.load_activations(config, store, progress=False)
+    acts = A.load_activations(config, store=store, progress=False)
     assert acts.x.dtype == torch.bfloat16 and (acts.row_position == 1).any()
     assert torch.allclose(acts.fp32(), reference_rows(config, store), rtol=1e-2, atol=1e-2)
 
@@ -181,8 +181,8 @@ def test_bfloat16_storage_and_first_position(tiny, tmp_path):
 def test_token_counts_match_the_contexts(tiny, tmp_path):
     store = Store(tmp_path)
     config = cfg(tiny)
-    counts = A.token_counts(config, store)
-    tokens = A.contexts(config, store).long()
+    counts = A.token_counts(config, store=store)
+    tokens = A.contexts(config, store=store).long()
     special = special_ids(load_model(config.model, store)[1])
     assert counts.dtype == torch.int64 and counts[special].sum() == 0
     assert counts.sum() == (~torch.isin(tokens, torch.tensor(special))).sum()
@@ -191,13 +191,13 @@ def test_token_counts_match_the_contexts(tiny, tmp_path):
 
 def test_interrupted_extraction_resumes_from_the_last_complete_shard(tiny, tmp_path):
     config = cfg(tiny)
-    reference = A.load_activations(config, Store(tmp_path / "ref"), progress=False)
+    reference = A.load_activations(config, store=Store(tmp_path / "ref"), progress=False)
     store = Store(tmp_path / "run")
     interrupt_extraction(config, store)
     path = store.root / "activations" / reference.path.name
     journal = json.loads((path / "progress.json").read_text())
     assert sorted(journal["done"]) == ["0", "1"] and not (path / "manifest.json").exists()
-    resumed = A.load_activations(config, store, progress=False)
+    resumed = A.load_activations(config, store=store, progress=False)
     assert resumed.meta["extraction"]["shards_this_run"] == [2, 3, 4]
     assert torch.equal(resumed.x, reference.x) and resumed.scale == pytest.approx(reference.scale, rel=1e-12)
 
@@ -206,7 +206,7 @@ def test_interrupted_extraction_resumes_from_the_last_complete_shard(tiny, tmp_p
 def test_corrupt_cache_is_reported_and_reextracted(tiny, tmp_path, damage):
     store = Store(tmp_path)
     config = cfg(tiny)
-    good = A.load_activations(config, store, progress=False)
+    good = A.load_activations(config, store=store, progress=False)
     reference = good.x.clone()
     plan = json.loads((good.path / "manifest.json").read_text())["plan"]
     x_file = good.path / "x.bin"
@@ -232,19 +232,19 @@ def test_corrupt_cache_is_reported_and_reextracted(tiny, tmp_path, damage):
     del good
     if expect:
         with pytest.warns(UserWarning, match=expect) as record:
-            fixed = A.load_activations(config, store, progress=False)
+            fixed = A.load_activations(config, store=store, progress=False)
         assert {w.filename for w in record if "activation cache" in str(w.message)} == {__file__}  # the caller
     else:
-        fixed = A.load_activations(config, store, progress=False)
+        fixed = A.load_activations(config, store=store, progress=False)
     assert fixed.meta["extraction"]["shards_this_run"] == redone
     assert torch.equal(fixed.x, reference)
-    assert A.load_activations(config, store, progress=False).meta["extraction"]["shards_this_run"] == redone
+    assert A.load_activations(config, store=store, progress=False).meta["extraction"]["shards_this_run"] == redone
 
 
 def test_next_token_loss_and_splicing(tiny, tmp_path):
     store = Store(tmp_path)
     config = cfg(tiny)
-    tokens = A.contexts(config, store).long()[:5]
+    tokens = A.contexts(config, store=store).long()[:5]
     model, tokenizer = load_model(config.model, store)
     with torch.no_grad():
         logits = model(input_ids=tokens).logits[:, :-1]
@@ -294,7 +294,7 @@ def assert_nothing_cached(store, config):
 def test_layer_out_of_range_writes_nothing(tiny, tmp_path):
     store = Store(tmp_path)
     with pytest.raises(ValueError, match=r"layer 3 is out of range .* 3 blocks: use 0..2"):
-        A.load_activations(cfg(tiny, layer=N_LAYERS), store, progress=False)
+        A.load_activations(cfg(tiny, layer=N_LAYERS), store=store, progress=False)
     assert_nothing_cached(store, "layer")
 
 
@@ -304,26 +304,26 @@ def test_empty_and_too_small_corpora(tiny, tmp_path):
     empty.mkdir()
     (empty / "blank.txt").write_text("   \n")
     with pytest.raises(ValueError, match="contains no text"):
-        A.load_activations(cfg(tiny, corpus=str(empty)), store, progress=False)
+        A.load_activations(cfg(tiny, corpus=str(empty)), store=store, progress=False)
     small = tmp_path / "small.txt"
     small.write_text("A short document about cats.")
     with pytest.raises(ValueError, match=r"has only \d+ tokens .* lower n_tokens"):
-        A.load_activations(cfg(tiny, corpus=str(small)), store, progress=False)
+        A.load_activations(cfg(tiny, corpus=str(small)), store=store, progress=False)
     assert_nothing_cached(store, "corpus")
     assert not (store.root / "contexts").exists() or not any((store.root / "contexts").iterdir())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"title": "no text field"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON object with a 'text' field"):
-        A.load_activations(cfg(tiny, corpus=str(bad)), store, progress=False)
+        A.load_activations(cfg(tiny, corpus=str(bad)), store=store, progress=False)
 
 
 def test_hub_names_refuse_clearly_offline(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     store = Store(tmp_path)
     with pytest.raises(ValueError, match="paper profile|hub access"):
-        A.load_activations(cfg(tiny, model="paperlib-tests/no-such-model"), store, progress=False)
+        A.load_activations(cfg(tiny, model="paperlib-tests/no-such-model"), store=store, progress=False)
     with pytest.raises(ValueError, match="hub access"):
-        A.load_activations(cfg(tiny, corpus="hf:monology/pile-uncopyrighted"), store, progress=False)
+        A.load_activations(cfg(tiny, corpus="hf:monology/pile-uncopyrighted"), store=store, progress=False)
     with pytest.raises(ValueError, match="not an existing directory"):
         load_model("./no/such/dir", store)
     # no offline flag, but no hub either (a closed local port): a quick probe refuses at once
@@ -333,7 +333,7 @@ def test_hub_names_refuse_clearly_offline(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="127.0.0.1 is unreachable.*need hub access"):
         load_model("paperlib-tests/no-such-model", store)
     with pytest.raises(ValueError, match="127.0.0.1 is unreachable.*needs hub access"):
-        A.load_activations(cfg(tiny, corpus="hf:some/dataset"), store, progress=False)
+        A.load_activations(cfg(tiny, corpus="hf:some/dataset"), store=store, progress=False)
     assert_nothing_cached(store, "hub")
 
 
@@ -342,7 +342,7 @@ def test_smoke_real_packaged_model_and_corpus(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     store = Store()  # the session's cache (conftest): the GGUF conversion is shared with other tests
     config = A.ActivationConfig(context_length=32, n_tokens=32 * 4, batch_contexts=2, shard_tokens=64)
-    acts = A.load_activations(config, store, progress=False)
+    acts = A.load_activations(config, store=store, progress=False)
     model, tokenizer = load_model("smollm2", store)
     assert type(model).__name__ == "LlamaForCausalLM" and len(decoder_blocks(model)) == 30
     assert acts.x.shape[1] == 576 and 100 < acts.x.shape[0] <= 4 * 30 and torch.isfinite(acts.fp32()).all()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from paperlib.allocation import capacity_exponent, capacity_exponent_interval, capacity_shares
+from paperlib.metrics.allocation import capacity_exponent, capacity_exponent_interval, capacity_shares
 
 P = np.arange(1, 11) ** -1.0 / np.sum(np.arange(1, 11) ** -1.0)  # ten Zipfian groups, beta = 1
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from paperlib.architectures import ARCHITECTURES, Matryoshka
-from paperlib.consistency import chance_mcc, gt_mcc
-from paperlib.io import load_sae, save_single
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.train import TrainConfig, train
+from paperlib.sae.architectures import ARCHITECTURES, Matryoshka
+from paperlib.metrics.consistency import chance_mcc, gt_mcc
+from paperlib.interop import load_sae, save_single
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, train
 
 D, N_LATENTS = 8, 12
 ORGANISM = UniformOrganism(d=D, n_gt=N_LATENTS, s=2, n_samples=2000, seed=0)
@@ -167,7 +167,7 @@ def test_options_an_architecture_does_not_use_are_refused():
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_evaluation_reuses_the_loss_reconstruction_bitwise(architecture):
     """evaluate() takes the reconstruction from the loss instead of decoding again: same numbers."""
-    from paperlib.train import evaluate
+    from paperlib.sae.train import evaluate
 
     bank = make(architecture)
     x = sample_uniform(ORGANISM).x[:500]

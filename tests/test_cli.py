@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from paperlib.__main__ import main
-from test_io import _LinearSAE, _rand, write_dictionary_learning, write_saelens, write_sparsify
+from test_interop import _LinearSAE, _rand, write_dictionary_learning, write_saelens, write_sparsify
 
 D, N = 16, 32
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_identical_and_permuted_rescaled_copies_score_one(cli, runs):
 
 
 def test_random_runs_score_near_chance_and_json_is_a_valid_document(cli, runs):
-    from paperlib.consistency_json import validate
+    from paperlib.metrics.consistency_json import validate
 
     res = cli["random"]
     assert res.returncode == 0, res.stderr

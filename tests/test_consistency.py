@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.consistency import (
+from paperlib.metrics.consistency import (
     PairwiseMCC,
     as_dictionary,
     bootstrap_interval,
@@ -20,7 +20,7 @@ from paperlib.consistency import (
     shared_latents,
     untrained_pw_mcc,
 )
-from paperlib.sae import SAEConfig
+from paperlib.sae.bank import SAEConfig
 
 
 def brute_force_mcc(a: np.ndarray, b: np.ndarray, signed: bool = True) -> float:
@@ -50,7 +50,7 @@ def test_agrees_with_brute_force(shape_a, shape_b, signed):
     rng = np.random.default_rng(sum(shape_a) * 7 + sum(shape_b) + signed)
     for _ in range(5):
         a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
-        assert mcc(a, b, signed) == pytest.approx(brute_force_mcc(a, b, signed), abs=1e-12)
+        assert mcc(a, b, signed=signed) == pytest.approx(brute_force_mcc(a, b, signed), abs=1e-12)
 
 
 def test_unequal_widths_match_min_size():
@@ -195,7 +195,7 @@ def test_untrained_saes_sit_at_the_chance_level():
 def test_large_dictionaries_use_the_certified_sparse_solver_and_agree_with_dense():
     from scipy.optimize import linear_sum_assignment
 
-    from paperlib.consistency import DENSE_LIMIT
+    from paperlib.metrics.consistency import DENSE_LIMIT
 
     rng = np.random.default_rng(10)
     n = DENSE_LIMIT + 200

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from paperlib.__main__ import main
-from paperlib.consistency_json import SCHEMA_VERSION, read, schema, validate
-from paperlib.io import read_decoder
-from test_io import _rand, write_saelens, write_sparsify
+from paperlib.metrics.consistency_json import SCHEMA_VERSION, read, schema, validate
+from paperlib.interop import read_decoder
+from test_interop import _rand, write_saelens, write_sparsify
 
 D = 48  # wide enough that the runs' own atoms stay far below the shared ones
 
@@ -158,7 +158,7 @@ def test_bad_thresholds_are_a_usage_error(capsys, runs, bad):
 
 
 def test_the_sparse_solver_is_named_and_gives_the_dense_result(capsys, tmp_path, runs, monkeypatch):
-    import paperlib.consistency as C
+    import paperlib.metrics.consistency as C
 
     dense, _ = _document(capsys, tmp_path, runs)
     monkeypatch.setattr(C, "DENSE_LIMIT", 8)  # these widths now take the certified sparse path
@@ -168,8 +168,8 @@ def test_the_sparse_solver_is_named_and_gives_the_dense_result(capsys, tmp_path,
 
 
 def test_a_bank_compared_in_memory_is_hashed_by_its_decoder_rows(capsys, tmp_path):
-    from paperlib.consistency_json import document
-    from paperlib.sae import SAEBank, SAEConfig
+    from paperlib.metrics.consistency_json import document
+    from paperlib.sae.bank import SAEBank, SAEConfig
 
     bank = SAEBank(SAEConfig(d_model=D, n_latents=32, architecture="topk", k=4, n_seeds=3))
     W = bank.decoder_directions()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.consistency import pw_mcc
-from paperlib.convergence import (
+from paperlib.metrics.consistency import pw_mcc
+from paperlib.runs.convergence import (
     Convergence,
     StudyPoint,
     decoder_cosine_to_init,
@@ -19,11 +19,11 @@ from paperlib.convergence import (
     study_convergence,
     study_doublings,
 )
-from paperlib.runs import trained_bank
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.runs.trained import trained_bank
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
-from paperlib.train import TrainConfig, train
-from paperlib.zoo_runs import llm_schedule
+from paperlib.sae.train import TrainConfig, train
+from paperlib.runs.zoo import llm_schedule
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def data():
 def test_last_doubling_reads_the_half_way_snapshot_and_fvu(tmp_path):
     schedule = llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2)
     run = trained_bank(
-        data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), schedule, Store(tmp_path), progress=False
+        data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), schedule, store=Store(tmp_path), progress=False
     )
     report = last_doubling(run, schedule)
     steps = list(run.history["step"])
@@ -103,7 +103,7 @@ def test_last_doubling_refuses_a_run_without_the_records(tmp_path):
     schedule = llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2)
     bare = replace(schedule, log_every=20, checkpoint_fractions=())
     run = trained_bank(
-        data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), bare, Store(tmp_path), progress=False
+        data, "gaussian", SAEConfig("topk", 8, 16, k=2, n_seeds=2), bare, store=Store(tmp_path), progress=False
     )
     with pytest.raises(ValueError, match="llm_schedule"):
         last_doubling(run, bare)
@@ -117,7 +117,7 @@ def test_doubling_study_trains_one_run_per_budget_and_measures_held_out(tmp_path
 
     def run(s):
         budgets.append(s.steps)
-        return trained_bank(x[:768], "gaussian", sae, s, store, progress=False)
+        return trained_bank(x[:768], "gaussian", sae, s, store=store, progress=False)
 
     points = doubling_study(run, schedule, [640, 1280, 2560], x[768:])
     assert budgets == [10, 20, 40] and [p.tokens for p in points] == [640, 1280, 2560]
@@ -153,7 +153,12 @@ def test_an_untrained_decoder_is_at_cosine_one_to_its_initialisation(tmp_path):
         b_dec_init="zeros",
     )
     run = trained_bank(
-        data, "g", SAEConfig("relu", 8, 16, l1_coeff=1e-3, decoder="unit"), schedule, Store(tmp_path), progress=False
+        data,
+        "g",
+        SAEConfig("relu", 8, 16, l1_coeff=1e-3, decoder="unit"),
+        schedule,
+        store=Store(tmp_path),
+        progress=False,
     )
     assert decoder_cosine_to_init(run) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="step-0"):
@@ -165,7 +170,7 @@ def test_a_single_seed_run_is_judged_by_fvu_alone(tmp_path):
     schedule = replace(
         llm_schedule(steps=20, lr=1e-2, batch_size=64, seed=0, eval_rows=256, warmup_steps=2), checkpoint_fractions=()
     )
-    run = trained_bank(data, "g", SAEConfig("topk", 8, 16, k=2), schedule, Store(tmp_path), progress=False)
+    run = trained_bank(data, "g", SAEConfig("topk", 8, 16, k=2), schedule, store=Store(tmp_path), progress=False)
     result = last_doubling(run, schedule)
     assert result.pw_mcc is None and result.pw_mcc_change is None
     assert result.converged == (abs(result.fvu_change) < 0.01)

@@ -1,4 +1,4 @@
-"""Where SAEs train: ``paperlib.device()`` unless the caller names a device (paperlib.train's rule).
+"""Where SAEs train: ``paperlib.device()`` unless the caller names a device (paperlib.sae.train's rule).
 
 The CPU cases run everywhere; the CUDA cases run where CUDA is present (a GPU machine) and are
 skipped otherwise: training there must give what the CPU gives, up to float rounding, for every
@@ -7,10 +7,10 @@ architecture, through every entry point."""
 import pytest
 import torch
 
-from paperlib.runs import trained_bank
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.runs.trained import trained_bank
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
-from paperlib.train import TrainConfig, train
+from paperlib.sae.train import TrainConfig, train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a GPU machine)")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -40,7 +40,7 @@ def config(architecture: str) -> SAEConfig:
 
 
 def test_every_zoo_architecture_has_a_config_here():
-    from paperlib.architectures import ARCHITECTURES as ZOO
+    from paperlib.sae.architectures import ARCHITECTURES as ZOO
 
     assert set(ARCHITECTURES) == set(ZOO), "add the new architecture to this file's table"
 
@@ -61,7 +61,7 @@ def test_an_absent_device_named_by_the_environment_is_refused_by_train(monkeypat
 
 @no_cuda
 def test_the_environment_variable_reaches_matching(monkeypatch):
-    from paperlib.matching import match
+    from paperlib.metrics.matching import match
 
     monkeypatch.setenv("PAPERLIB_DEVICE", "cuda")
     with pytest.raises(ValueError, match="PAPERLIB_DEVICE='cuda': cuda is not available"):
@@ -150,7 +150,7 @@ def test_bf16_training_on_cuda_stays_close_to_fp32():
 
 @needs_cuda
 def test_the_sparse_topk_step_on_cuda_matches_the_cpu():
-    """Wide enough for the sparse closed form (paperlib.sparse_topk), whose CUDA path is the torch tail."""
+    """Wide enough for the sparse closed form (paperlib.sae.kernels.sparse_topk), whose CUDA path is the torch tail."""
     sae = SAEConfig("topk", d_model=16, n_latents=1024, k=8, n_seeds=2, aux_coeff=1 / 32)
     banks = {dev: SAEBank(sae) for dev in ("cpu", "cuda")}
     for dev, bank in banks.items():

@@ -35,7 +35,7 @@ from paperlib.explain import (
     spearman,
     top_contexts,
 )
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
 
 
@@ -188,7 +188,7 @@ def test_clean_explanation(reply, expected):
 def test_explain_latents_caches_per_latent_and_recomputes_changed_contexts(tmp_path):
     store, explainer = Store(tmp_path), TopTokensExplainer()
     examples = [latent(0, ["a"]), latent(1, ["b"]), latent(2, ["c"])]
-    assert explain_latents(explainer, examples, "run-1", store, batch_size=2) == [
+    assert explain_latents(explainer, examples, "run-1", store=store, batch_size=2) == [
         "tokens: 'a'",
         "tokens: 'b'",
         "tokens: 'c'",
@@ -199,16 +199,20 @@ def test_explain_latents_caches_per_latent_and_recomputes_changed_contexts(tmp_p
     # a record is used as stored (the cache is read), and only changed contexts are explained again
     cache.path.write_text(cache.path.read_text().replace("tokens: 'a'", "from the cache"))
     examples[1] = latent(1, ["b2"])
-    assert explain_latents(explainer, examples, "run-1", store) == ["from the cache", "tokens: 'b2'", "tokens: 'c'"]
-    assert explain_latents(explainer, examples[:1], "run-2", store) == ["tokens: 'a'"]  # runs are separate
+    assert explain_latents(explainer, examples, "run-1", store=store) == [
+        "from the cache",
+        "tokens: 'b2'",
+        "tokens: 'c'",
+    ]
+    assert explain_latents(explainer, examples[:1], "run-2", store=store) == ["tokens: 'a'"]  # runs are separate
     cache.path.write_text(cache.path.read_text() + "{torn line\n")
     with pytest.warns(UserWarning, match="1 unreadable lines ignored") as record:
-        explain_latents(explainer, examples, "run-1", store)
+        explain_latents(explainer, examples, "run-1", store=store)
     assert [w.filename for w in record if "unreadable lines" in str(w.message)] == [__file__]  # names the caller
     with pytest.raises(ValueError, match="run_id must name the SAE run"):
-        explain_latents(explainer, examples, "", store)
+        explain_latents(explainer, examples, "", store=store)
     with pytest.raises(ValueError, match="examples name some latent twice"):
-        explain_latents(explainer, examples + examples[:1], "run-1", store)
+        explain_latents(explainer, examples + examples[:1], "run-1", store=store)
 
 
 def test_local_explainer_runs_the_packaged_model_and_batching_does_not_change_greedy_text():
@@ -292,7 +296,7 @@ def test_spearman_test_matches_every_pairing_by_hand():
 
     from scipy.stats import spearmanr
 
-    from paperlib.similarity import spearman_test
+    from paperlib.explain.similarity import spearman_test
 
     a = np.array([0.91, 0.94, 0.86, 0.71, 0.88, 0.93, 0.95])
     b = np.array([0.90, 0.92, 0.83, 0.70, 0.86, 0.93, 0.93])  # a tie, as real MCCs have

@@ -231,13 +231,13 @@ def test_partial_failure_keeps_finished_explanations_and_the_next_run_resumes(se
     examples = [latent(0, "1999"), latent(1, "bad"), latent(2, "2001"), latent(3, "1871")]
     failing = ChatEndpointExplainer(endpoint(server, "partial", max_retries=1))
     with pytest.raises(EndpointError, match=r"(?s)1 of 4 requests.*3 of 4 explanations are saved"):
-        explain_latents(failing, examples, "run-a", store, batch_size=4)
+        explain_latents(failing, examples, "run-a", store=store, batch_size=4)
     cache = explanation_cache(failing, "run-a", store).load()
     assert sorted(cache) == ["latent:0", "latent:2", "latent:3"]
 
     before = len(requests_of(server, "partial"))
     examples[1] = latent(1, "1066")  # the contexts changed: its fingerprint differs, so it is explained anew
-    texts = explain_latents(failing, examples, "run-a", store, batch_size=4)
+    texts = explain_latents(failing, examples, "run-a", store=store, batch_size=4)
     assert texts == ["Years of events"] * 4
     assert len(requests_of(server, "partial")) - before == 1  # only the missing latent was requested
 
@@ -278,7 +278,7 @@ def _serve_python() -> str:
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
-    from paperlib.llm import load_tokenizer
+    from paperlib.sources.llm import load_tokenizer
 
     python = _serve_python()
     model_dir = load_tokenizer("smollm2").name_or_path  # the dequantised packaged model as an HF directory
@@ -339,7 +339,7 @@ def test_real_openai_compatible_server_matches_the_local_model(real_server, tmp_
     prompt = ExplainPrompt(n_top=3, n_quantile=0)
     explainer = ChatEndpointExplainer(config, prompt=prompt, max_tokens=12)
     examples = [latent(0, "1999"), latent(1, "Paris")]
-    texts = explain_latents(explainer, examples, "real-server", Store(tmp_path), batch_size=2)
+    texts = explain_latents(explainer, examples, "real-server", store=Store(tmp_path), batch_size=2)
     assert all(isinstance(t, str) and t for t in texts)
 
     # Same weights, same chat template, greedy: the server's raw reply equals the in-process model's.

@@ -100,7 +100,7 @@ def _open(browser: Browser, path: Path, errors: list[str]) -> Page:
 def page(browser: Browser, tmp_path: Path) -> Iterator[Page]:
     """The explorer page of LATENTS and META; afterwards nothing may have logged an error, run injected
     script or loaded anything but the page itself (it promises to be self-contained)."""
-    path = write_explorer(tmp_path / "explorer.html", TITLE, NOTES, LATENTS, META)
+    path = write_explorer(tmp_path / "explorer.html", TITLE, NOTES, LATENTS, meta_latents=META)
     errors: list[str] = []
     page = _open(browser, path, errors)
     yield page

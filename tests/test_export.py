@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import paperlib.io as io
-from paperlib.architectures import ARCHITECTURES
+import paperlib.interop as io
+from paperlib.sae.architectures import ARCHITECTURES
 from paperlib.atomic import temporaries
-from paperlib.io import export_sae, export_single, load_sae, read_decoder
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.interop import export_sae, export_single, load_sae, read_decoder
+from paperlib.sae.bank import SAEBank, SAEConfig
 
 D, N, K = 8, 24, 3
 

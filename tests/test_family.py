@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from paperlib.explorer import write_explorer
-from paperlib.family import (
+from paperlib.runs.family import (
     FamilyConfig,
     MemoryActivations,
     auc,
@@ -27,14 +27,14 @@ from paperlib.family import (
     top_tokens,
     train_family,
 )
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.sae import SAEBank
-from paperlib.stitch_path import interpolation_path
-from paperlib.stitching import insertion_effects, max_cosine
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.sae.bank import SAEBank
+from paperlib.stitching.path import interpolation_path
+from paperlib.stitching.stitch import insertion_effects, max_cosine
 from paperlib.store import Store
-from paperlib.train import PAPER_CHECKPOINTS
-from paperlib.zoo_presets import zoo_config
-from paperlib.zoo_runs import llm_schedule
+from paperlib.sae.train import PAPER_CHECKPOINTS
+from paperlib.sae.zoo_presets import zoo_config
+from paperlib.runs.zoo import llm_schedule
 
 D = 8
 
@@ -142,9 +142,9 @@ def test_cached_stitching_equals_the_direct_computation(family, acts, store):
     ins = cached_insertion(small, large, x, key, store=store)
     torch.testing.assert_close(ins.delta_mse, insertion_effects(small, large, x).delta_mse)
     assert novel_fraction(ins) == ins.fraction_novel
-    assert math.isnan(novel_fraction(ins, torch.zeros(16, dtype=torch.bool)))  # no live latent: undefined
+    assert math.isnan(novel_fraction(ins, alive=torch.zeros(16, dtype=torch.bool)))  # no live latent: undefined
     first = torch.arange(16) < 4
-    assert novel_fraction(ins, first) == float(ins.novel[:4].double().mean())
+    assert novel_fraction(ins, alive=first) == float(ins.novel[:4].double().mean())
 
 
 def test_top_contexts_and_tokens(family, acts, store):
@@ -195,7 +195,7 @@ def test_explorer_is_self_contained_and_escapes_text(tmp_path):
         {"id": 5, "label": "the", "frequency": 0.2, "contexts": []},
     ]
     meta = {0: {"label": "cities", "frequency": 0.02, "members": [[3, 0.5, "Paris"]]}}
-    path = write_explorer(tmp_path / "x.html", "Explorer <test>", "notes", latents, meta)
+    path = write_explorer(tmp_path / "x.html", "Explorer <test>", "notes", latents, meta_latents=meta)
     page = path.read_text()
     assert not re.search(r"(src|href)\s*=|https?://|@import", page), "the page must load nothing from outside"
     assert "<b>x</b>" not in page and "Explorer &lt;test&gt;" in page
@@ -204,9 +204,11 @@ def test_explorer_is_self_contained_and_escapes_text(tmp_path):
     assert data["latents"][0]["contexts"][0] == latents[0]["contexts"][0]
     assert data["meta_latents"]["0"]["members"] == [[3, 0.5, "Paris"]]
     with pytest.raises(ValueError, match=r"latents\[1\] has no 'label'"):
-        write_explorer(tmp_path / "y.html", "t", "n", [latents[0], {"id": 1, "frequency": 0.1, "contexts": []}], meta)
+        write_explorer(
+            tmp_path / "y.html", "t", "n", [latents[0], {"id": 1, "frequency": 0.1, "contexts": []}], meta_latents=meta
+        )
     with pytest.raises(ValueError, match="meta-latent id"):
-        write_explorer(tmp_path / "y.html", "t", "n", [{**latents[0], "parts": [[9, 1.0]]}], meta)
+        write_explorer(tmp_path / "y.html", "t", "n", [{**latents[0], "parts": [[9, 1.0]]}], meta_latents=meta)
     with pytest.raises(ValueError, match="appears twice"):
         write_explorer(tmp_path / "y.html", "t", "n", [latents[1], latents[1]])
     with pytest.raises(ValueError, match="finite"):
@@ -215,7 +217,7 @@ def test_explorer_is_self_contained_and_escapes_text(tmp_path):
 
 
 def test_cross_seed_similarity_and_rank_correlation():
-    from paperlib.consistency import pw_mcc
+    from paperlib.metrics.consistency import pw_mcc
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(12, D, generator=gen)

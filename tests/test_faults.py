@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib import activations as A
+from paperlib.sources import activations as A
 from paperlib.__main__ import main
 from paperlib.atomic import atomic_path, is_temporary, temporary_dir
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
-from paperlib.train import TrainConfig, train
+from paperlib.sae.train import TrainConfig, train
 from test_activations import cfg as activation_cfg
 from test_activations import interrupt_extraction
 from test_activations import tiny  # noqa: F401  (the tiny-model fixture)
-from test_io import _rand, write_saelens
+from test_interop import _rand, write_saelens
 
 ORGANISM = UniformOrganism(d=8, n_gt=12, s=2, n_samples=600, seed=0)
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -117,7 +117,7 @@ def test_store_meta_of_the_wrong_shape_is_corrupt(tmp_path):
 def test_activation_manifest_of_the_wrong_shape_or_edited_is_reextracted(tiny, tmp_path, damage):  # noqa: F811
     store = Store(tmp_path)
     config = activation_cfg(tiny)
-    good = A.load_activations(config, store, progress=False)
+    good = A.load_activations(config, store=store, progress=False)
     reference, scale = good.x.clone(), good.scale
     file = good.path / "manifest.json"
     manifest = json.loads(file.read_text())
@@ -132,7 +132,7 @@ def test_activation_manifest_of_the_wrong_shape_or_edited_is_reextracted(tiny, t
     file.write_text("{not json" if damage == "not_json" else json.dumps(edits[damage]))
     del good
     with pytest.warns(UserWarning, match="manifest.json") as record:
-        fixed = A.load_activations(config, store, progress=False)
+        fixed = A.load_activations(config, store=store, progress=False)
     assert [w.filename for w in record if "manifest.json" in str(w.message)] == [__file__]  # names the caller
     assert fixed.meta["extraction"]["shards_this_run"] == [0, 1, 2, 3, 4]
     assert torch.equal(fixed.x, reference) and fixed.scale == scale
@@ -141,23 +141,23 @@ def test_activation_manifest_of_the_wrong_shape_or_edited_is_reextracted(tiny, t
 def test_activation_manifests_from_before_the_seal_are_checked_and_sealed(tiny, tmp_path):  # noqa: F811
     store = Store(tmp_path)
     config = activation_cfg(tiny)
-    good = A.load_activations(config, store, progress=False)
+    good = A.load_activations(config, store=store, progress=False)
     file = good.path / "manifest.json"
     legacy = json.loads(file.read_text())
     del legacy["sha256"]
     file.write_text(json.dumps(legacy, indent=1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = A.load_activations(config, store, progress=False)  # consistent: accepted, not re-extracted
+        again = A.load_activations(config, store=store, progress=False)  # consistent: accepted, not re-extracted
     assert again.scale == good.scale and "sha256" in json.loads(file.read_text())
     file.write_text(json.dumps({**legacy, "scale": legacy["scale"] * 1.5}))
     with pytest.warns(UserWarning, match="scale does not agree"):
-        assert A.load_activations(config, store, progress=False).scale == good.scale
+        assert A.load_activations(config, store=store, progress=False).scale == good.scale
 
 
 def test_an_edited_or_malformed_journal_is_ignored_not_trusted(tiny, tmp_path, monkeypatch):  # noqa: F811
     config = activation_cfg(tiny)
-    reference = A.load_activations(config, Store(tmp_path / "ref"), progress=False)
+    reference = A.load_activations(config, store=Store(tmp_path / "ref"), progress=False)
     store = Store(tmp_path / "run")
     interrupt_extraction(config, store)
     journal_file = store.root / "activations" / reference.path.name / "progress.json"
@@ -165,7 +165,7 @@ def test_an_edited_or_malformed_journal_is_ignored_not_trusted(tiny, tmp_path, m
     journal["done"]["0"]["sumsq"] *= 4  # would change the scale
     journal_file.write_text(json.dumps(journal))
     with pytest.warns(UserWarning, match="progress.json does not match its own hash") as record:
-        resumed = A.load_activations(config, store, progress=False)
+        resumed = A.load_activations(config, store=store, progress=False)
     assert [w.filename for w in record if "progress.json" in str(w.message)] == [__file__]  # names the caller
     assert resumed.meta["extraction"]["shards_this_run"] == [0, 1, 2, 3, 4] and resumed.scale == reference.scale
 
@@ -192,8 +192,8 @@ def test_a_run_that_learns_stays_silent():
 # ------------------------------------------------------------------- 5. unavailable devices
 @NO_CUDA
 def test_cuda_without_cuda_is_refused_up_front_everywhere(capsys, tmp_path, monkeypatch):
-    from paperlib.consistency import chance_mcc, match, pw_mcc
-    from paperlib.matching import match as sparse_match
+    from paperlib.metrics.consistency import chance_mcc, match, pw_mcc
+    from paperlib.metrics.matching import match as sparse_match
     from paperlib.runtime import device, resolve_device
 
     with pytest.raises(ValueError, match=r"device='cuda': cuda is not available on this machine; use device='cpu'"):
@@ -202,7 +202,7 @@ def test_cuda_without_cuda_is_refused_up_front_everywhere(capsys, tmp_path, monk
     for call in (
         lambda: match(small, small, device="cuda"),
         lambda: pw_mcc([small, small], device="cuda"),
-        lambda: chance_mcc(4, 4, 4, 1, device="cuda"),
+        lambda: chance_mcc(4, 4, 4, n_samples=1, device="cuda"),
         lambda: sparse_match(small, small, device="cuda"),
     ):
         with pytest.raises(ValueError, match="cuda is not available"):
@@ -227,7 +227,7 @@ def widths(tmp_path_factory) -> dict[str, str]:
 
 
 def test_chance_level_is_the_mean_over_pairs_whatever_the_order(capsys, widths):
-    from paperlib.consistency import chance_mcc, chance_pw_mcc
+    from paperlib.metrics.consistency import chance_mcc, chance_pw_mcc
 
     orders = [["w16", "w16", "w24", "w40"], ["w40", "w24", "w16", "w16"], ["w24", "w16", "w40", "w16"]]
     chances = []
@@ -237,11 +237,13 @@ def test_chance_level_is_the_mean_over_pairs_whatever_the_order(capsys, widths):
         chances.append(json.loads(out)["chance"])
     assert chances[0] == chances[1] == chances[2]
     per_pair = [
-        chance_mcc(min(a, b), max(a, b), 8, 2).mean
+        chance_mcc(min(a, b), max(a, b), 8, n_samples=2).mean
         for a, b in [(16, 16), (16, 24), (16, 40), (16, 24), (16, 40), (24, 40)]
     ]
     assert chances[0]["mean"] == pytest.approx(np.mean(per_pair), abs=1e-12)
-    assert chance_pw_mcc([16, 24, 40], 8, 2).mean == pytest.approx(chance_pw_mcc([40, 16, 24], 8, 2).mean, abs=0)
+    assert chance_pw_mcc([16, 24, 40], 8, n_samples=2).mean == pytest.approx(
+        chance_pw_mcc([40, 16, 24], 8, n_samples=2).mean, abs=0
+    )
     code, out, _ = _run(capsys, "consistency", *(widths[w] for w in orders[1]), "--chance-samples", "2")
     assert "mean over the 6 pairs of each pair's chance level" in out and "16 x 40" in out
 
@@ -257,7 +259,7 @@ def test_zero_rows_score_zero_at_every_size(monkeypatch, signed):
     scored like below it: cosine 0, still matched; checked against scipy on the full matrix."""
     from scipy.optimize import linear_sum_assignment
 
-    import paperlib.consistency as C
+    import paperlib.metrics.consistency as C
 
     monkeypatch.setattr(C, "DENSE_LIMIT", 4)
     rng = np.random.default_rng(3)

@@ -4,9 +4,9 @@ only where they apply, and a clean fallback when they cannot be compiled."""
 import pytest
 import torch
 
-from paperlib import fused
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.train import TrainConfig, train
+from paperlib.sae.kernels import fused
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, train
 
 
 def perturbed_bank(architecture="topk", d=5, n=7, k=2, seeds=3, **overrides):

@@ -1,12 +1,12 @@
-"""paperlib.gemm: oneDNN's fp32 matmul equals torch's, is used only where it applies, does not depend
+"""paperlib.sae.kernels.gemm: oneDNN's fp32 matmul equals torch's, is used only where it applies, does not depend
 on the thread count, and carries the sparse TopK step."""
 
 import pytest
 import torch
 
-from paperlib import gemm
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.train import TrainConfig, train
+from paperlib.sae.kernels import gemm
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(gemm._linear() is None, reason="this torch build has no oneDNN linear")
 

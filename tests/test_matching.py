@@ -1,4 +1,4 @@
-"""Tests for paperlib.matching: exactness against scipy / brute force and the certificate."""
+"""Tests for paperlib.metrics.matching: exactness against scipy / brute force and the certificate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from paperlib import matching
-from paperlib.matching import Matching, match
+from paperlib.metrics import matching
+from paperlib.metrics.matching import Matching, match
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

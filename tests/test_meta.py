@@ -4,7 +4,7 @@ width, a planted structure is recovered and decomposed, the cache returns the sa
 import pytest
 import torch
 
-from paperlib.meta import (
+from paperlib.stitching.meta import (
     MetaSAEConfig,
     compare_to_saes,
     decompose,
@@ -15,7 +15,7 @@ from paperlib.meta import (
     unit_directions,
     variance_explained,
 )
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
 
 FAST = dict(lr=1e-2, steps=300, batch_size=None, log_every=100)
@@ -48,14 +48,16 @@ def test_presets_are_the_papers_settings():
 
 def test_variance_explained_is_a_fraction_that_grows_with_width():
     x = random_directions()
-    explained = [variance_explained(train_meta_sae(x, MetaSAEConfig(width=w, k=2, **FAST)), x) for w in (4, 16, 64)]
+    explained = [
+        variance_explained(train_meta_sae(x, config=MetaSAEConfig(width=w, k=2, **FAST)), x) for w in (4, 16, 64)
+    ]
     assert all(0 <= v <= 1 for v in explained), explained
     assert explained[0] < explained[1] < explained[2], explained
 
 
 def test_planted_meta_structure_is_recovered_and_decomposed():
     x, basis, pairs = planted()
-    meta = train_meta_sae(x, MetaSAEConfig(width=12, k=2, **FAST))
+    meta = train_meta_sae(x, config=MetaSAEConfig(width=12, k=2, **FAST))
     assert variance_explained(meta, x) > 0.9 and variance_explained(meta, x, batch=True) > 0.9
     resemblance = compare_to_saes(meta, {"planted": basis, "random": random_directions(12, 32)})
     # The decoder bias takes the directions' mean (all weights are positive), so meta-latents are
@@ -73,7 +75,7 @@ def test_planted_meta_structure_is_recovered_and_decomposed():
 
 def test_decomposition_adds_up_to_the_reconstruction():
     x = random_directions(200, 10)
-    meta = train_meta_sae(x, MetaSAEConfig(width=20, k=3, **FAST))
+    meta = train_meta_sae(x, config=MetaSAEConfig(width=20, k=3, **FAST))
     codes = meta_codes(meta, x)
     top = int((codes > 0).sum(1).max())
     found = decompose(meta, x, [0, 5, 199], top=max(top, 1))
@@ -87,11 +89,14 @@ def test_the_store_returns_the_trained_meta_sae(tmp_path):
     x = random_directions(100, 8)
     cfg = MetaSAEConfig(width=8, k=2, lr=1e-2, steps=20, batch_size=None, log_every=10)
     store = Store(tmp_path)
-    first, second = train_meta_sae(x, cfg, store), train_meta_sae(x * 2.0, cfg, store)  # same unit directions
+    first, second = (
+        train_meta_sae(x, config=cfg, store=store),
+        train_meta_sae(x * 2.0, config=cfg, store=store),
+    )  # same unit directions
     assert first.key == second.key and len(list((tmp_path / "meta-sae").iterdir())) == 1
     for (name, a), (_, b) in zip(first.bank.state_dict().items(), second.bank.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
-    assert train_meta_sae(random_directions(100, 8, seed=9), cfg, store).key != first.key
+    assert train_meta_sae(random_directions(100, 8, seed=9), config=cfg, store=store).key != first.key
     assert first.history["step"].tolist() == [0, 10, 20]
 
 
@@ -104,7 +109,7 @@ def test_directions_from_banks_are_unit_rows():
 
 def test_bad_inputs_are_refused_with_the_fix():
     x = random_directions(100, 8)
-    meta = train_meta_sae(x, MetaSAEConfig(width=8, k=2, lr=1e-2, steps=5, batch_size=None, log_every=5))
+    meta = train_meta_sae(x, config=MetaSAEConfig(width=8, k=2, lr=1e-2, steps=5, batch_size=None, log_every=5))
     with pytest.raises(ValueError, match="d_model=12 but the meta-SAE was trained on d_model=8"):
         variance_explained(meta, random_directions(10, 12))
     with pytest.raises(ValueError, match="SAE 'wide' has d_model=12"):
@@ -115,7 +120,7 @@ def test_bad_inputs_are_refused_with_the_fix():
     zero = x.clone()
     zero[3] = 0
     with pytest.raises(ValueError, match=r"1 decoder rows are zero or non-finite \(first: \[3\]\)"):
-        train_meta_sae(zero, MetaSAEConfig(width=8, k=2, steps=1))
+        train_meta_sae(zero, config=MetaSAEConfig(width=8, k=2, steps=1))
     with pytest.raises(ValueError, match=r"non-empty \[n_latents, d_model\] tensor, got \(8,\)"):
         unit_directions(torch.ones(8))
     with pytest.raises(IndexError, match="seed 2 out of range"):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from paperlib.fixed_size import systematic_sample
-from paperlib.organism import (
+from paperlib.sources.fixed_size import systematic_sample
+from paperlib.sources.organism import (
     OrganismData,
     PlantedSubspaceOrganism,
     TwoPhaseZipfOrganism,

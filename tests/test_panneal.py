@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from paperlib.architectures import ARCHITECTURES, PAnneal
-from paperlib.io import load_sae, save_single
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.runs import trained_bank
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.sae.architectures import ARCHITECTURES, PAnneal
+from paperlib.interop import load_sae, save_single
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.runs.trained import trained_bank
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
-from paperlib.train import TrainConfig, evaluate, train
-from paperlib.zoo_presets import L1_FAMILY, ZOO, zoo_config
+from paperlib.sae.train import TrainConfig, evaluate, train
+from paperlib.sae.zoo_presets import L1_FAMILY, ZOO, zoo_config
 from test_train import interrupted_and_resumed
 
 DATA = sample_uniform(UniformOrganism(d=16, n_gt=32, s=3, n_samples=2048, seed=0))
@@ -185,12 +185,12 @@ def test_an_interrupted_run_resumes_to_the_same_state(tmp_path):
 def test_buffers_survive_the_store_seed_slicing_and_save_load(tmp_path):
     cfg = config()
     schedule = TrainConfig(steps=60, lr=3e-3, batch_size=256, log_every=60)
-    first = trained_bank(DATA.x, "organism", cfg, schedule, Store(tmp_path), progress=False)
+    first = trained_bank(DATA.x, "organism", cfg, schedule, store=Store(tmp_path), progress=False)
 
     def untouched():
         raise AssertionError("a cache hit must not train again")
 
-    again = trained_bank(untouched, "organism", cfg, schedule, Store(tmp_path), progress=False)
+    again = trained_bank(untouched, "organism", cfg, schedule, store=Store(tmp_path), progress=False)
     bank = again.bank
     assert list(bank.state_dict())[-4:] == ["p", "p_updates", "lp_scale", "lp_window"]
     for (name, a), b in zip(first.bank.state_dict().items(), bank.state_dict().values()):

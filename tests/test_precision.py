@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.consistency import chance_mcc, gt_mcc
-from paperlib.organism import UniformOrganism, sample_uniform
+from paperlib.metrics.consistency import chance_mcc, gt_mcc
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.runtime import matmul_precision, resolve_precision
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.train import TrainConfig, evaluate, train
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, evaluate, train
 
 ORGANISM = UniformOrganism(d=32, n_gt=48, s=3, n_samples=1024, seed=0)
 
@@ -113,9 +113,9 @@ def test_bf16_training_learns_like_fp32_and_evaluates_in_fp32():
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_once_at_the_start(monkeypatch):
-    import paperlib.train
+    import paperlib.sae.train
 
-    monkeypatch.setattr(paperlib.train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(paperlib.sae.train, "cpu_has_native_bf16", lambda: False)
     data = sample_uniform(ORGANISM)
     with pytest.warns(UserWarning, match=r"no native bf16 .* use precision='fp32'") as record:
         train(

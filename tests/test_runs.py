@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.runs import trained_bank
-from paperlib.sae import SAEConfig
+from paperlib.runs.trained import trained_bank
+from paperlib.sae.bank import SAEConfig
 from paperlib.store import Store
-from paperlib.train import TrainConfig
+from paperlib.sae.train import TrainConfig
 
 
 @pytest.fixture
@@ -48,8 +48,8 @@ def test_a_different_data_key_trains_a_different_run(store):
 
 
 def test_firing_rates_count_the_rows_each_latent_fires_on():
-    from paperlib.runs import firing_rates
-    from paperlib.sae import SAEBank
+    from paperlib.runs.trained import firing_rates
+    from paperlib.sae.bank import SAEBank
 
     bank = SAEBank(SAEConfig("topk", d_model=8, n_latents=16, k=3, n_seeds=2))
     x = data()
@@ -77,23 +77,23 @@ def test_an_unavailable_device_is_refused_before_the_data_is_read(store):
 
 
 def test_massive_rows_are_left_out_of_training_and_the_filter_is_checked():
-    from paperlib.runs import without_massive_rows
+    from paperlib.runs.trained import without_massive_rows
 
     x = data()
     x[[5, 300]] *= 50  # ~50x the median norm: "massive activations"
     with pytest.warns(RuntimeWarning, match="left out 2 of 512 training rows whose norm exceeds 10x the median"):
         kept = without_massive_rows(x)
     torch.testing.assert_close(kept, x[[i for i in range(512) if i not in (5, 300)]])
-    assert without_massive_rows(x, None) is x
-    assert without_massive_rows(x, 100.0).shape == x.shape  # 50x stays under 100x
+    assert without_massive_rows(x, factor=None) is x
+    assert without_massive_rows(x, factor=100.0).shape == x.shape  # 50x stays under 100x
     for bad in (1.0, 0.5, float("nan"), True, "10"):
         with pytest.raises(ValueError, match="max_norm_factor must be a number > 1"):
-            without_massive_rows(x, bad)
+            without_massive_rows(x, factor=bad)
 
 
 def test_an_activation_run_trains_without_the_massive_rows(store):
-    from paperlib.family import MemoryActivations
-    from paperlib.runs import activation_run
+    from paperlib.runs.family import MemoryActivations
+    from paperlib.runs.trained import activation_run
 
     x = data()
     x[7] *= 50

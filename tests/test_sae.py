@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from paperlib.sae import SAEBank, SAEConfig
+from paperlib.sae.bank import SAEBank, SAEConfig
 
 
 def make(architecture="topk", **overrides):
@@ -126,7 +126,7 @@ def test_sparse_topk_path_equals_the_dense_closed_form(k, reconstruction):
 
 
 def test_sparse_path_is_chosen_only_where_it_pays_off():
-    from paperlib.sparse_topk import sparse_pays_off
+    from paperlib.sae.kernels.sparse_topk import sparse_pays_off
 
     assert sparse_pays_off(32, 16384) and sparse_pays_off(32, 4096)
     assert not sparse_pays_off(3, 32) and not sparse_pays_off(128, 1024)
@@ -137,7 +137,7 @@ def test_sparse_path_is_chosen_only_where_it_pays_off():
 def test_topk_with_auxk_trains_in_closed_form_exactly_while_no_latent_is_dead(monkeypatch):
     # AuxK is exactly zero until a latent has been silent for dead_tokens: the closed-form (sparse)
     # step must then train like autograd on loss(), and autograd must take over once one is dead.
-    from paperlib.train import TrainConfig, train
+    from paperlib.sae.train import TrainConfig, train
 
     torch.manual_seed(0)
     x = torch.randn(2048, 16)

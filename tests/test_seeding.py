@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from paperlib.organism import UniformOrganism, sample
-from paperlib.sae import SAEConfig
-from paperlib.seeding import decoders, seeded_runs
+from paperlib.sources.organism import UniformOrganism, sample
+from paperlib.sae.bank import SAEConfig
+from paperlib.runs.seeding import decoders, seeded_runs
 from paperlib.store import Store
-from paperlib.train import TrainConfig
+from paperlib.sae.train import TrainConfig
 
 ORGANISM = UniformOrganism(d=8, n_gt=12, s=2, n_samples=512, seed=3)
 SAE = SAEConfig("topk", d_model=8, n_latents=12, k=2, seed=5)
@@ -16,7 +16,9 @@ SAE = SAEConfig("topk", d_model=8, n_latents=12, k=2, seed=5)
 def _runs(tmp_path, vary, batch_size, n_runs=3):
     schedule = TrainConfig(steps=30, lr=3e-3, batch_size=batch_size, log_every=30, seed=1, precision="fp32")
     return decoders(
-        seeded_runs(sample(ORGANISM).x, ORGANISM, SAE, schedule, n_runs, vary, store=Store(tmp_path), device="cpu")
+        seeded_runs(
+            sample(ORGANISM).x, ORGANISM, SAE, schedule, n_runs=n_runs, vary=vary, store=Store(tmp_path), device="cpu"
+        )
     )
 
 

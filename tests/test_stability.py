@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from paperlib.consistency import chance_pw_mcc, pw_mcc
-from paperlib.stability import chance_curve, latent_stability
+from paperlib.metrics.consistency import chance_pw_mcc, pw_mcc
+from paperlib.metrics.stability import chance_curve, latent_stability
 
 D = 48  # wide enough that the own atoms of different runs are near orthogonal
 
@@ -64,7 +64,7 @@ def test_dead_latents_are_left_out_not_scored():
     runs = _runs((10, 10))
     runs[1][:2] = 0
     alive = [np.ones(10, bool), runs[1].any(axis=1)]
-    stability = latent_stability(pw_mcc(runs, alive=alive), [10, 10], alive)
+    stability = latent_stability(pw_mcc(runs, alive=alive), [10, 10], alive=alive)
     assert np.isnan(stability.cosines[1][:2]).all() and not np.isnan(stability.cosines[1][2:]).any()
     assert np.isnan(stability.at(0.5)[1][:2]).all()
     kept = np.concatenate([stability.cosines[0].ravel(), stability.cosines[1][2:].ravel()])

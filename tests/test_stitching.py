@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.stitch_path import interpolation_path
-from paperlib.stitching import (
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.stitching.path import interpolation_path
+from paperlib.stitching.stitch import (
     SAEView,
     StitchConfig,
     insertion_effects,
@@ -17,7 +17,7 @@ from paperlib.stitching import (
     stitch,
     stitch_moves,
 )
-from paperlib.train import TrainConfig, evaluate, train
+from paperlib.sae.train import TrainConfig, evaluate, train
 
 D = 8
 ORGANISM = UniformOrganism(d=D, n_gt=16, s=2, n_samples=1500, seed=3)
@@ -91,13 +91,13 @@ def test_max_cosine_and_frequency(saes, x):
 )
 def test_every_step_of_the_path_is_the_stitched_sae_it_describes(saes, x, config):
     S, L = SAEView.from_bank(saes["relu8"]), SAEView.from_bank(saes["btk16"])
-    path = interpolation_path(S, L, x, config)
+    path = interpolation_path(S, L, x, config=config)
     assert rel(path.mse[0], reconstruction_mse(S, x)) < 1e-12
     assert rel(path.mse[-1], reconstruction_mse(L, x)) < 1e-9 and path.endpoint_error < 1e-9 * path.mse_large
     assert path.n_latents[0] == 8 and path.n_latents[-1] == 16
     for step in range(len(path.moves) + 1):
         keep, add, bias = path.members(step)
-        stitched = stitch(S, L, keep, add, bias)
+        stitched = stitch(S, L, keep, add, bias=bias)
         assert rel(path.mse[step], reconstruction_mse(stitched, x)) < 1e-9, step
         assert path.n_latents[step] == stitched.n_latents
         assert abs(path.l0[step] - float((stitched.encode(x) != 0).sum(1).double().mean())) < 1e-9
@@ -108,18 +108,19 @@ def test_every_step_of_the_path_is_the_stitched_sae_it_describes(saes, x, config
     assert path.summary()["steps"] == len(path.moves)
 
 
-def after(members, move):
+def stitched_after(S, L, members, move):
+    """The stitched SAE one ``move`` past ``members``."""
     keep, add, bias = (m.clone() if torch.is_tensor(m) else m for m in members)
     keep[list(move.removed)] = False
     add[list(move.added)] = True
-    return keep, add, "large" if move.kind == "bias" else bias
+    return stitch(S, L, keep, add, bias="large" if move.kind == "bias" else bias)
 
 
 @pytest.mark.parametrize("bias", ["ordered", "last"])
 def test_each_step_makes_the_best_remaining_move(saes, x, bias):
     """Exact greedy: the MSE rises only where no remaining move would lower it."""
     S, L = SAEView.from_bank(saes["relu8"]), SAEView.from_bank(saes["btk16"])
-    path = interpolation_path(S, L, x, StitchConfig(bias=bias))
+    path = interpolation_path(S, L, x, config=StitchConfig(bias=bias))
     assert len(path.violations) > 0  # this pair is not monotone: the check below has increases to judge
     for step in range(1, len(path.moves) + 1):
         before = path.members(step - 1)
@@ -127,7 +128,7 @@ def test_each_step_makes_the_best_remaining_move(saes, x, bias):
         if not remaining:  # the pinned bias swap comes last
             assert path.moves[step - 1].kind == "bias" and step == len(path.moves)
             continue
-        options = [reconstruction_mse(stitch(S, L, *after(before, move)), x) for move in remaining]
+        options = [reconstruction_mse(stitched_after(S, L, before, move), x) for move in remaining]
         assert path.mse[step] <= min(options) + 1e-6 * path.mse_small, step
         if step in path.violations:
             assert min(options) > path.mse[step - 1]
@@ -145,7 +146,7 @@ def test_stitching_an_sae_with_itself_changes_nothing(saes, x):
 
 def test_chunking_does_not_change_the_path(saes, x):
     S, L = saes["relu8"], saes["relu16"]
-    a, b = interpolation_path(S, L, x, StitchConfig(chunk_size=97)), interpolation_path(S, L, x)
+    a, b = interpolation_path(S, L, x, config=StitchConfig(chunk_size=97)), interpolation_path(S, L, x)
     assert a.moves == b.moves
     np.testing.assert_allclose(a.mse, b.mse, rtol=1e-12)
 
@@ -187,7 +188,7 @@ def test_orthogonal_novel_latents_give_a_monotone_path_in_order_of_benefit():
 
 def test_forced_removals_are_reported_as_violations():
     q, x = orthonormal_data()
-    path = interpolation_path(oracle(q), oracle(q[:4]), x, StitchConfig(orphans="remove"))
+    path = interpolation_path(oracle(q), oracle(q[:4]), x, config=StitchConfig(orphans="remove"))
     removals = [t + 1 for t, m in enumerate(path.moves) if m.kind == "remove"]
     assert len(removals) == 4 and not path.monotone
     assert path.violations.tolist() == removals
@@ -197,7 +198,7 @@ def test_forced_removals_are_reported_as_violations():
 def test_groups_partition_both_saes_and_follow_the_threshold(saes):
     S, L = SAEView.from_bank(saes["relu8"]), SAEView.from_bank(saes["relu16"])
     for threshold, orphans in ((0.7, "nearest"), (0.5, "remove"), (1.0, "remove"), (-1.0, "nearest")):
-        moves = stitch_moves(S, L, threshold, orphans)
+        moves = stitch_moves(S, L, threshold=threshold, orphans=orphans)
         assert sorted(i for m in moves for i in m.removed) == list(range(8))
         assert sorted(j for m in moves for j in m.added) == list(range(16))
         group_of = {("L", j): g for g, m in enumerate(moves) for j in m.added}
@@ -211,7 +212,7 @@ def test_groups_partition_both_saes_and_follow_the_threshold(saes):
             )
         else:
             assert all(m.kind in ("swap", "insert") for m in moves)
-    assert len(stitch_moves(S, L, -1.0)) == 1  # every pair connected: one swap of everything
+    assert len(stitch_moves(S, L, threshold=-1.0)) == 1  # every pair connected: one swap of everything
 
 
 def test_bad_inputs_are_refused_with_the_fix(saes, x):
@@ -229,7 +230,7 @@ def test_bad_inputs_are_refused_with_the_fix(saes, x):
         with pytest.raises(ValueError, match=r"threshold is a cosine and must lie in \[-1, 1\]"):
             StitchConfig(threshold=threshold)
         with pytest.raises(ValueError, match="threshold"):
-            stitch_moves(S, L, threshold)
+            stitch_moves(S, L, threshold=threshold)
     with pytest.raises(ValueError, match="orphans"):
         StitchConfig(orphans="keep")
     with pytest.raises(ValueError, match="bias must be"):
@@ -237,7 +238,7 @@ def test_bad_inputs_are_refused_with_the_fix(saes, x):
     with pytest.raises(ValueError, match="max_gram_entries must be a positive integer"):
         StitchConfig(max_gram_entries=0)
     with pytest.raises(ValueError, match="max_gram_entries=100"):
-        interpolation_path(S, L, x, StitchConfig(max_gram_entries=100))
+        interpolation_path(S, L, x, config=StitchConfig(max_gram_entries=100))
     with pytest.raises(ValueError, match=r"bank of 2 seeds; pass bank.seed\(i\)"):
         insertion_effects(SAEBank(SAEConfig("relu", d_model=D, n_latents=4, n_seeds=2)), L, x)
     with pytest.raises(ValueError, match="no inference threshold yet"):
@@ -250,6 +251,6 @@ def test_bad_inputs_are_refused_with_the_fix(saes, x):
     with pytest.raises(ValueError, match="keep and add must be bool masks"):
         stitch(S, L, torch.ones(8, dtype=torch.bool), torch.ones(15, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_code_entries=10"):
-        interpolation_path(S, L, x, StitchConfig(max_code_entries=10))
+        interpolation_path(S, L, x, config=StitchConfig(max_code_entries=10))
     with pytest.raises(TypeError, match="SAEBank or SAEView"):
         insertion_effects(S.W_dec, L, x)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy.linalg import subspace_angles
 
-from paperlib.consistency import pw_mcc
-from paperlib.stability import latent_stability
-from paperlib.subspace import principal_cosines, random_subspace_cosines, span, subspace_agreement
+from paperlib.metrics.consistency import pw_mcc
+from paperlib.metrics.stability import latent_stability
+from paperlib.metrics.subspace import principal_cosines, random_subspace_cosines, span, subspace_agreement
 
 D = 40
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.consistency import chance_mcc, gt_mcc
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.train import TrainConfig, evaluate, train
+from paperlib.metrics.consistency import chance_mcc, gt_mcc
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, evaluate, train
 
 ORGANISM = UniformOrganism(d=8, n_gt=12, s=2, n_samples=2000, seed=0)
 
@@ -125,7 +125,7 @@ def test_normalisation_is_folded_back_into_the_weights():
 
 
 def test_decoder_bias_starts_at_the_geometric_median():
-    from paperlib.train import geometric_median
+    from paperlib.sae.train import geometric_median
 
     points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [100.0, 100.0]])
     median = geometric_median(points)
@@ -143,7 +143,7 @@ def test_decoder_bias_starts_at_the_geometric_median():
 
 
 def test_checkpoints_snapshot_decoders_at_log_spaced_fractions():
-    from paperlib.train import PAPER_CHECKPOINTS
+    from paperlib.sae.train import PAPER_CHECKPOINTS
 
     data = sample_uniform(ORGANISM)
     cfg = TrainConfig(steps=1000, lr=1e-3, batch_size=100, log_every=500, checkpoint_fractions=PAPER_CHECKPOINTS)

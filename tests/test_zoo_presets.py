@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from paperlib.architectures import ARCHITECTURES, Matryoshka
-from paperlib.organism import UniformOrganism, sample_uniform
-from paperlib.sae import SAEBank
-from paperlib.train import TrainConfig, train
-from paperlib.zoo_presets import (
+from paperlib.sae.architectures import ARCHITECTURES, Matryoshka
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.sae.bank import SAEBank
+from paperlib.sae.train import TrainConfig, train
+from paperlib.sae.zoo_presets import (
     K_FAMILY,
     L1_FAMILY,
     ZOO,

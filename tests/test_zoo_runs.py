@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from paperlib.family import FamilyConfig, MemoryActivations, train_family
-from paperlib.organism import UniformOrganism, sample_uniform
+from paperlib.runs.family import FamilyConfig, MemoryActivations, train_family
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.store import Store
-from paperlib.zoo_presets import zoo_config
-from paperlib.zoo_runs import llm_schedule, rule_config, zoo_run
+from paperlib.sae.zoo_presets import zoo_config
+from paperlib.runs.zoo import llm_schedule, rule_config, zoo_run
 
 D, WIDTH, TARGET = 16, 48, 3
 
@@ -36,7 +36,7 @@ def _runs_in(store: Store) -> int:
 
 
 def test_relu_is_calibrated_to_the_target_l0_by_cached_pilots(acts, schedule, store):
-    found = zoo_run(acts, "relu", WIDTH, TARGET, schedule, 300, store, n_seeds=2, seed=5)
+    found = zoo_run(acts, "relu", WIDTH, TARGET, schedule=schedule, eval_rows=300, store=store, n_seeds=2, seed=5)
     c = found.calibration
     assert c is not None and len(c.tried) >= 2
     assert min(c.tried.values()) <= TARGET < max(c.tried.values()), c.tried  # the target was bracketed
@@ -46,35 +46,41 @@ def test_relu_is_calibrated_to_the_target_l0_by_cached_pilots(acts, schedule, st
     assert abs(math.log(chosen / TARGET)) == min(abs(math.log(l0 / TARGET)) for l0 in c.tried.values() if l0 > 0)
     assert abs(math.log(found.run.history["l0"][-1].mean() / TARGET)) < math.log(2.5)
     before = _runs_in(store)
-    again = zoo_run(acts, "relu", WIDTH, TARGET, schedule, 300, store, n_seeds=2, seed=5)
+    again = zoo_run(acts, "relu", WIDTH, TARGET, schedule=schedule, eval_rows=300, store=store, n_seeds=2, seed=5)
     assert _runs_in(store) == before, "a second calibration must train nothing"
     assert again.calibration == c and torch.equal(again.run.bank.W_dec, found.run.bank.W_dec)
 
 
 def test_uncalibrated_and_k_family_runs_follow_the_rule(acts, schedule, store):
-    plain = zoo_run(acts, "relu", WIDTH, TARGET, schedule, 300, store, seed=5, calibrate=False)
+    plain = zoo_run(acts, "relu", WIDTH, TARGET, schedule=schedule, eval_rows=300, store=store, seed=5, calibrate=False)
     assert plain.calibration is None
     assert (
         plain.config.l1_coeff
         == zoo_config("relu", d_model=D, n_latents=WIDTH, sparsity=TARGET, data_scale=1.0, seed=5).l1_coeff
     )
-    topk = zoo_run(acts, "topk", WIDTH, TARGET, schedule, 300, store, seed=5, aux_coeff=0.25)
+    topk = zoo_run(acts, "topk", WIDTH, TARGET, schedule=schedule, eval_rows=300, store=store, seed=5, aux_coeff=0.25)
     assert topk.calibration is None and topk.config.k == TARGET and topk.config.aux_coeff == 0.25
 
 
 def test_family_members_are_calibrated_per_width(acts, schedule, store):
-    fam = train_family(acts, FamilyConfig("relu", widths=(24, 48), sparsity=TARGET, seed=5), schedule, 300, store)
+    fam = train_family(
+        acts, FamilyConfig("relu", widths=(24, 48), sparsity=TARGET, seed=5), schedule, eval_rows=300, store=store
+    )
     assert sorted(fam.calibrations) == [24, 48]
     for width, c in fam.calibrations.items():
         assert fam.run(width).bank.cfg.l1_coeff == pytest.approx(
             rule_config("relu", D, width, TARGET, seed=fam.config.member_seed(width)).l1_coeff * c.multiplier
         )
     off = train_family(
-        acts, FamilyConfig("relu", widths=(24, 48), sparsity=TARGET, seed=5, calibrate_l1=False), schedule, 300, store
+        acts,
+        FamilyConfig("relu", widths=(24, 48), sparsity=TARGET, seed=5, calibrate_l1=False),
+        schedule,
+        eval_rows=300,
+        store=store,
     )
     assert off.calibrations == {}
 
 
 def test_bad_pilot_seeds_are_named(acts, schedule, store):
     with pytest.raises(ValueError, match="pilot_seeds"):
-        zoo_run(acts, "gated", WIDTH, TARGET, schedule, 300, store, pilot_seeds=0)
+        zoo_run(acts, "gated", WIDTH, TARGET, schedule=schedule, eval_rows=300, store=store, pilot_seeds=0)

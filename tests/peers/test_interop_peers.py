@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paperlib.io import SAELENS_VERSION, SPARSIFY_VERSION, export_sae
-from paperlib.sae import SAEBank, SAEConfig
-from paperlib.train import TrainConfig, train
+from paperlib.interop import SAELENS_VERSION, SPARSIFY_VERSION, export_sae
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, train
 
 pytestmark = pytest.mark.peers
 

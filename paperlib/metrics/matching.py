@@ -1,0 +1,470 @@
+"""Exact maximum-weight one-to-one matching of two dictionaries of unit vectors.
+
+This is the core of the PW-MCC consistency metric: rows ``a_i`` of A [n_A, d] and
+``b_j`` of B [n_B, d] are normalised, ``w_ij = cos(a_i, b_j)`` (or ``|cos|``), and we
+want the matching of size ``m = min(n_A, n_B)`` with the largest total weight
+(``MCC = total / m``). The dense scipy solver needs the full n x n cost matrix; here
+the n^2 similarities are only *streamed*, never stored.
+
+Method (internally the smaller side is called "rows", the other "columns"):
+
+1. **Scan.** Similarities are computed blockwise with a low-precision torch matmul
+   (bfloat16 on CPUs with AVX512-BF16, else float32). A reference vector ``r`` (0 in
+   the first scan, later the current duals of the other side) is folded into the matmul
+   as an extra coordinate, so each block holds ``s_ij - r_j``. Each scanned vector keeps
+   its ``4 * top_c`` largest entries and the smallest kept value ``T`` (which bounds all
+   the others). A rigorous a-priori bound ``e`` on the rounding error (input rounding,
+   fp32 accumulation, output rounding) turns stored values into upper bounds on ``w``.
+2. **Sparse solve.** The candidate graph (each row's and each column's ``top_c`` best
+   kept entries, plus every edge promoted later) gets float64 weights and is solved
+   exactly by scipy's sparse Jonker-Volgenant (LAPJVsp); edges are added if it has no
+   row-saturating matching. LP duals ``u`` (rows), ``v`` (columns; ``v >= 0`` and 0 on
+   unmatched columns when rectangular) are the shortest-path potentials of the residual
+   graph (a vectorised Bellman-Ford, which only terminates if the matching is optimal
+   on its graph).
+3. **Certificate.** By LP duality the matching is optimal over *all* n_A x n_B pairs
+   iff ``w_ij <= u_i + v_j`` for every pair. Graph edges are checked in float64. A kept
+   entry outside the graph passes if its rounding-safe upper bound does, otherwise it is
+   promoted into the graph. Every other pair (i, j) is covered by row i's record if
+   ``T_i + e + r_j - v_j <= u_i`` or by column j's record (if it has one) if
+   ``T_j + e + r_i - u_i <= v_j``; this is checked for all pairs at once with sorting and
+   prefix maxima. When rows fail, the cheapest mix of column scans and row rescans
+   (reference = current duals) is done; a vector failing again under the same duals is
+   rescanned in float64, where every pair within ``2e`` of tight goes into the graph.
+   Promoted edges that violate the duals trigger a re-solve. The loop stops when
+   nothing fails: then every pair satisfies the dual constraint and ``certified=True``.
+   The floating-point defect of the final duals (complementary slackness, sign) is
+   reported as ``stats["gap_bound"]``, an upper bound on (optimum - our total); the
+   certificate requires it to be <= 1e-9.
+
+Nothing is approximated silently: if the loop hits its round limit the result is
+returned with ``certified=False`` and a warning.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from paperlib.metrics import _sparse_lap as _lap
+from paperlib.runtime import cpu_has_native_bf16, resolve_device
+
+__all__ = ["Matching", "match"]
+
+_GAP_TOL = 1e-9  # certified only if optimum - total <= this (absolute, on the total)
+_MAX_ROUNDS = 60
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Result of :func:`match`; ``rows`` index A (ascending), ``cols`` index B."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    weights: np.ndarray
+    certified: bool
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def mcc(self) -> float:
+        """Mean matched similarity (PW-MCC)."""
+        return float(self.weights.mean())
+
+
+def _unit(x, side: str) -> np.ndarray:
+    """Validate one side and return its rows normalised, as float64 numpy."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu")
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+    if t.ndim != 2:
+        raise ValueError(f"{side} must be 2-D [n, d], got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{side} is empty (shape {tuple(t.shape)})")
+    t = t.to(torch.float64)
+    bad = ~torch.isfinite(t.sum(1))  # cheap screen; confirmed entrywise below
+    if bad.any():
+        bad[bad.clone()] = ~torch.isfinite(t[bad]).all(1)
+        raise ValueError(f"{side} has {int(bad.sum())} rows with NaN/Inf entries")
+    norms = torch.linalg.vector_norm(t, dim=1)
+    zero = norms == 0
+    if zero.any():
+        raise ValueError(f"{side} has {int(zero.sum())} zero-norm rows; drop dead latents before matching")
+    return (t / norms[:, None]).numpy()
+
+
+def _scan_dtype(dev: torch.device) -> torch.dtype:
+    """bfloat16 where the CPU has native bf16 dot products (fp32 accumulation), else fp32."""
+    return torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+def _dense(a: np.ndarray, b: np.ndarray, signed: bool, t0: float) -> Matching:
+    w = a @ b.T
+    if not signed:
+        np.abs(w, out=w)
+    r, c = linear_sum_assignment(w, maximize=True)
+    stats = dict(
+        candidate_edges=int(w.size),
+        rounds=1,
+        rows_rechecked=0,
+        seconds=time.perf_counter() - t0,
+        method="dense-scipy",
+        gap_bound=0.0,
+    )
+    return Matching(r.astype(np.int64), c.astype(np.int64), w[r, c].astype(np.float64), True, stats)
+
+
+class _Side:
+    """Scan records of one side ("own" vectors against the "other" side): for each own
+    vector the ``k`` largest stored values of ``s - r[other]`` (``r``: the reference
+    of the scan), their indices, and the ``k``-th value ``thr`` bounding all the rest."""
+
+    def __init__(
+        self,
+        own_lp: torch.Tensor,
+        other_lp: torch.Tensor,
+        k: int,
+        own64: np.ndarray,
+        other64: np.ndarray,
+        is_rows: bool,
+    ) -> None:
+        n = own_lp.shape[0]
+        self.own64, self.other64, self.is_rows = own64, other64, is_rows
+        self.own = torch.cat([own_lp, torch.ones(n, 1, dtype=own_lp.dtype, device=own_lp.device)], 1)
+        self.other = other_lp
+        self.idx = np.zeros((n, k), np.int64)
+        self.val = np.full((n, k), -np.inf)
+        self.thr = np.full(n, np.inf)  # no record yet: bounds nothing
+        self.ref_id = np.full(n, -1)
+        self.scan_sol = np.full(n, -1)  # id of the solve whose duals were the reference
+        self.exact_sol = np.full(n, -1)  # same, for float64 scans
+        self.refs: list[tuple[np.ndarray, float, float]] = []  # (reference r, error e, c_out)
+
+
+class _Problem:
+    """Rows X [nr, d] (smaller side), columns Y [nc, d], both unit float64."""
+
+    u: np.ndarray  # the current duals of rows and columns, set by each solve (_sparse)
+    v: np.ndarray
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, signed: bool, dev: torch.device, top_c: int, block_rows: int
+    ) -> None:
+        self.x, self.y, self.signed, self.dev = x, y, signed, dev
+        self.nr, self.nc = x.shape[0], y.shape[0]
+        self.dt = _scan_dtype(dev)
+        u_in = 2.0**-8 if self.dt == torch.bfloat16 else 2.0**-24
+        u_acc, k = 2.0**-24, x.shape[1] + 2
+        self.u_in, self.gamma = u_in, k * u_acc / (1 - k * u_acc)
+        self.c_out = u_in / (1 - u_in)  # output rounding, relative to the stored value
+        if self.gamma > 0.01:
+            raise ValueError(f"d={x.shape[1]} too large for the fp32-accumulation error bound")
+        self.k_top = max(1, min(top_c, self.nc))
+        self.block = max(1, block_rows // (1 if signed else 2))
+        x_lp, y_lp = torch.from_numpy(x).to(dev, self.dt), torch.from_numpy(y).to(dev, self.dt)
+        mult = 1 if signed else 2
+        self.rows = _Side(x_lp, y_lp, min(4 * self.k_top, self.nc * mult), x, y, True)
+        self.cols = _Side(y_lp, x_lp, min(4 * self.k_top, self.nr * mult), y, x, False)
+        self.violated = False  # set when scan64 adds an edge that breaks the current duals
+
+    def scan(self, side: _Side, ids: np.ndarray, ref: np.ndarray, sol_id: int = -1) -> None:
+        """Low-precision rescan of ``ids`` of ``side`` against reference ``ref``."""
+        r_lp = torch.from_numpy(ref - np.median(ref)).to(self.dev, self.dt)
+        r_used = r_lp.double().cpu().numpy()  # the reference actually folded into the matmul
+        big = float(np.abs(r_used).max())
+        e = 1.25 * (2 * self.u_in + self.u_in**2 + self.gamma * ((1 + self.u_in) ** 2 + big)) + 1e-30
+        side.refs.append((r_used, e, self.c_out))
+        ob = torch.cat([side.other, -r_lp[:, None]], 1)
+        if not self.signed:
+            ob = torch.cat([ob, torch.cat([-side.other, -r_lp[:, None]], 1)], 0)
+        ot = ob.T.contiguous() if self.dev.type != "cpu" else ob.T
+        k, n_oth = side.idx.shape[1], side.other.shape[0]
+        buf = torch.empty(min(self.block, ids.size), ob.shape[0], dtype=self.dt, device=self.dev)
+        ids_t = torch.from_numpy(ids).to(self.dev)
+        for s in range(0, ids.size, self.block):
+            out = buf[: ids_t[s : s + self.block].numel()]
+            torch.matmul(side.own[ids_t[s : s + self.block]], ot, out=out)
+            v, i = torch.topk(out, k, dim=1)
+            blk = ids[s : s + self.block]
+            side.val[blk] = v.double().cpu().numpy()
+            side.idx[blk] = i.cpu().numpy() % n_oth
+            side.thr[blk] = side.val[blk, -1] if k < out.shape[1] else -np.inf
+        side.ref_id[ids] = len(side.refs) - 1
+        side.scan_sol[ids] = sol_id
+
+    def scan64(
+        self, side: _Side, ids: np.ndarray, d_own: np.ndarray, d_oth: np.ndarray, es: _lap.EdgeSet, sol_id: int
+    ) -> None:
+        """float64 rescan of ``ids`` against duals: every pair within 2e of being tight
+        is put into the graph ``es``; the record threshold bounds only the rest."""
+        n_oth, kk = side.other64.shape[0], side.idx.shape[1]
+        k = min(kk, n_oth)
+        e = 4.0 * (self.x.shape[1] + 2) * 2.0**-53 * (2.0 + float(np.abs(d_oth).max()))
+        side.refs.append((d_oth.copy(), e, 2.0**-52))
+        for s in range(0, ids.size, 256):
+            blk = ids[s : s + 256]
+            red = side.own64[blk] @ side.other64.T
+            if not self.signed:
+                np.abs(red, out=red)
+            red -= d_oth
+            near = red > (d_own[blk] - 2 * e)[:, None]
+            po, pt = np.nonzero(near)
+            pr, pc = es.missing(*((blk[po], pt) if side.is_rows else (pt, blk[po])))
+            pw = self.exact(pr, pc)
+            es.add(pr, pc, pw)
+            self.violated |= bool((pw > self.u[pr] + self.v[pc]).any())
+            top = np.argpartition(-red, k - 1, axis=1)[:, :k]
+            side.idx[blk] = np.pad(top, ((0, 0), (0, kk - k)), mode="edge")
+            side.val[blk] = np.take_along_axis(red, side.idx[blk], 1)
+            red[near] = -np.inf
+            np.put_along_axis(red, top, -np.inf, 1)
+            side.thr[blk] = red.max(1)
+        side.ref_id[ids] = len(side.refs) - 1
+        side.scan_sol[ids] = sol_id
+        side.exact_sol[ids] = sol_id
+
+    def exact(self, ri: np.ndarray, cj: np.ndarray) -> np.ndarray:
+        """float64 weights of the given pairs."""
+        out = np.empty(ri.size)
+        for s in range(0, ri.size, 8192):
+            out[s : s + 8192] = np.einsum("ij,ij->i", self.x[ri[s : s + 8192]], self.y[cj[s : s + 8192]])
+        return out if self.signed else np.abs(out)
+
+
+def _upper(val: np.ndarray, c: float) -> np.ndarray:
+    """Largest pre-rounding value consistent with a stored (rounded) value."""
+    out = val.copy()
+    f = np.isfinite(val)
+    out[f] += c * np.abs(val[f])
+    return out
+
+
+def _bounds(side: _Side, d_own: np.ndarray, d_oth: np.ndarray, skip: np.ndarray | None):
+    """Upper bounds of ``w - d_own - d_oth`` from one side's records.
+
+    Returns (listed pairs whose bound exceeds 0 as (own, other), per-own slack of the
+    bound on every non-listed pair; ``skip`` masks other-side items covered elsewhere).
+    """
+    n, k = side.idx.shape
+    own, oth = np.repeat(np.arange(n), k), side.idx.ravel()
+    ub = np.full(own.size, -np.inf)
+    slack = np.full(n, -np.inf)
+    for q in np.unique(side.ref_id[side.ref_id >= 0]):
+        r, e, c = side.refs[q]
+        m = side.ref_id == q
+        mm = np.repeat(m, k)
+        ub[mm] = _upper(side.val.ravel()[mm], c) + e + r[oth[mm]]
+        diff = r - d_oth if skip is None else (r - d_oth)[~skip]
+        slack[m] = d_own[m] - (_upper(side.thr[m], c) + e + (diff.max() if diff.size else -np.inf))
+    bad = ub > d_own[own] + d_oth[oth]
+    return own[bad], oth[bad], slack
+
+
+def _row_slack(p: _Problem, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per row, how much room is left for all its pairs listed by neither side.
+
+    A pair (i, j) is safe if row i's record bounds it (``A_i + rho_j <= 0``) or column
+    j's record does (``B_j + kappa_i <= 0``); for each row we take the max of ``rho_j``
+    over the columns that do not cover it, via prefix maxima over columns sorted by B.
+    """
+    rs, cs = p.rows, p.cols
+    a_i = np.empty(p.nr)
+    for q in np.unique(rs.ref_id):
+        m = rs.ref_id == q
+        a_i[m] = _upper(rs.thr[m], rs.refs[q][2]) + rs.refs[q][1] - u[m]
+    b_j = np.full(p.nc, np.inf)
+    for g in np.unique(cs.ref_id[cs.ref_id >= 0]):
+        m = cs.ref_id == g
+        b_j[m] = _upper(cs.thr[m], cs.refs[g][2]) + cs.refs[g][1] - v[m]
+    worst = np.full(p.nr, -np.inf)
+    for g in np.unique(cs.ref_id):
+        cols = np.flatnonzero(cs.ref_id == g)
+        order = cols[np.argsort(-b_j[cols], kind="stable")]
+        if g < 0:
+            cnt = np.full(p.nr, order.size)
+        else:
+            cnt = np.searchsorted(-b_j[order], cs.refs[g][0] - u, side="left")
+        for q in np.unique(rs.ref_id):
+            m = rs.ref_id == q
+            pm = np.maximum.accumulate((rs.refs[q][0] - v)[order])
+            c = cnt[m]
+            worst[m] = np.maximum(worst[m], np.where(c > 0, pm[np.maximum(c - 1, 0)], -np.inf))
+    return -(a_i + worst)
+
+
+def _initial_edges(p: _Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top_c kept entries plus each column's top_c among all kept entries."""
+    k, side = p.k_top, p.rows
+    kk = side.idx.shape[1]
+    r1 = np.repeat(np.arange(p.nr), k)
+    c1 = side.idx[:, :k].ravel()
+    rr, cc, vv = np.repeat(np.arange(p.nr), kk), side.idx.ravel(), side.val.ravel()
+    order = np.lexsort((-vv, cc))
+    cc_s = cc[order]
+    start = np.searchsorted(cc_s, cc_s, side="left")
+    keep = order[np.arange(cc_s.size) - start < k]
+    return np.concatenate([r1, rr[keep]]), np.concatenate([c1, cc[keep]])
+
+
+def _pick_columns(
+    p: _Problem, v: np.ndarray, fail: np.ndarray, slack: np.ndarray, col_ok: np.ndarray, sol_id: int
+) -> np.ndarray:
+    """Columns worth rescanning: the cheapest mix of column scans (cost nr each, 8x that
+    for a float64 rescan) and row rescans (cost nc each) letting the failing rows pass."""
+    side, cs = p.rows, p.cols
+    badness = np.full(p.nc, -np.inf)
+    for q in np.unique(side.ref_id[fail]):
+        badness = np.maximum(badness, side.refs[q][0] - v)
+    open_ = ~col_ok
+    cand = np.flatnonzero(open_ & (cs.exact_sol != sol_id))
+    rest = open_ & (cs.exact_sol == sol_id)
+    floor = badness[rest].max() if rest.any() else -np.inf
+    order = cand[np.argsort(-badness[cand], kind="stable")]
+    level = np.maximum(np.append(badness[order], -np.inf), floor)  # max badness left after p picks
+    base = slack[fail].copy()  # the rows' slack without their max term
+    for q in np.unique(side.ref_id[fail]):
+        m = side.ref_id[fail] == q
+        base[m] += (side.refs[q][0] - v)[open_].max()
+    still = np.searchsorted(np.sort(base), level, side="left")  # rows failing after p picks
+    unit = np.where(cs.scan_sol[order] == sol_id, 8 * p.nr, p.nr)
+    cost = np.append(0, np.cumsum(unit)) + still * p.nc
+    return order[: int(np.argmin(cost))]
+
+
+def _sparse(p: _Problem, t0: float) -> tuple[np.ndarray, np.ndarray, bool, dict]:
+    """Certified sparse solve; returns (col of each row, float64 weights, certified, stats)."""
+    tm = dict(scan=0.0, solve=0.0, lapjvsp=0.0, duals=0.0, exact=0.0, check=0.0)
+    t = time.perf_counter()
+    p.scan(p.rows, np.arange(p.nr), np.zeros(p.nc))
+    tm["scan"] += time.perf_counter() - t
+    es = _lap.EdgeSet(p.nr, p.nc)
+    r0, c0 = es.missing(*_initial_edges(p))
+    es.add(r0, c0, p.exact(r0, c0))
+    st: dict[str, Any] = dict(rounds=0, rows_rechecked=0, cols_rechecked=0, promoted=0, solves=0, bf_iters=0)
+    sol: dict[str, Any] | None = None
+    cap, certified, dirty, sol_id = None, False, True, 0
+    for _ in range(_MAX_ROUNDS):
+        st["rounds"] += 1
+        t = time.perf_counter()
+        if dirty:
+            while True:  # make sure a row-saturating matching exists
+                fr, fc = _lap.filler_edges(es)
+                if fr.size == 0:
+                    break
+                fr, fc = es.missing(fr, fc)
+                es.add(fr, fc, p.exact(fr, fc))
+            sol = _lap.solve(es, cap)
+            sol_id = st["solves"] = st["solves"] + 1
+            st["bf_iters"] += sol["iters"]
+            tm["lapjvsp"] += sol["t_lap"]
+            tm["duals"] += sol["t_duals"]
+            u, v = sol["u"], sol["v"]
+            if not sol["converged"]:
+                break
+            cap, dirty = v, False
+        t1 = time.perf_counter()
+        tm["solve"] += t1 - t
+        # listed but unused pairs whose rounding-safe upper bound fails are promoted
+        cr, cc, cslack = _bounds(p.cols, v, u, None)
+        col_ok = cslack >= 0
+        rr, rc, _ = _bounds(p.rows, u, v, None)
+        rslack = _row_slack(p, u, v)
+        pr, pc = np.concatenate([rr, cc]), np.concatenate([rc, cr])
+        keep = ~es.contains(pr, pc)
+        tm["check"] += time.perf_counter() - t1
+        if keep.any():
+            t = time.perf_counter()
+            pr, pc = es.missing(pr[keep], pc[keep])
+            pw = p.exact(pr, pc)
+            es.add(pr, pc, pw)
+            st["promoted"] += pr.size
+            tm["exact"] += time.perf_counter() - t
+            if (pw > u[pr] + v[pc]).any():
+                dirty = True
+                continue
+        fail = np.flatnonzero(rslack < 0)  # rows whose non-listed pairs are not all covered
+        if fail.size == 0:
+            certified = True
+            break
+        t = time.perf_counter()
+        pick = _pick_columns(p, v, fail, rslack, col_ok, sol_id)
+        p.u, p.v, p.violated = u, v, False
+        for side, ids, d_own, d_oth, name in ((p.cols, pick, v, u, "cols"), (p.rows, fail, u, v, "rows")):
+            if ids.size == 0 or (name == "rows" and pick.size):
+                continue
+            st[name + "_rechecked"] += ids.size
+            stale = side.scan_sol[ids] != sol_id  # rescanned since the last solve: escalate
+            if stale.any():
+                p.scan(side, ids[stale], d_oth, sol_id)
+            if (~stale).any():
+                st[name + "_exact"] = st.get(name + "_exact", 0) + int((~stale).sum())
+                p.scan64(side, ids[~stale], d_own, d_oth, es, sol_id)
+        dirty = p.violated
+        tm["scan"] += time.perf_counter() - t
+    assert sol is not None  # the first round always solves
+    sig = sol["sig"]
+    w = es.w[np.searchsorted(es.key, np.arange(p.nr) * p.nc + sig)]  # float64, as solved
+    viol = max(0.0, float((es.w - u[es.rows] - v[es.cols]).max()))
+    gap = sol["slack"] + p.nr * viol + p.nc * max(0.0, -sol["min_v"])
+    certified = certified and sol["converged"] and gap <= _GAP_TOL
+    st.update(
+        candidate_edges=len(es),
+        gap_bound=gap,
+        scan_dtype=str(p.dt).replace("torch.", ""),
+        eps=p.rows.refs[0][1],
+        timing={k: round(x, 3) for k, x in tm.items()},
+    )
+    if not certified:
+        warnings.warn(
+            f"paperlib.metrics.matching: optimality could not be certified (stats={st}); result may be suboptimal",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return sig, w, certified, st
+
+
+def match(
+    a,
+    b,
+    *,
+    signed: bool = True,
+    device: str | None = None,
+    top_c: int = 8,
+    block_rows: int = 4096,
+    dense_limit: int = 2048,
+) -> Matching:
+    """Exact maximum-weight matching between the rows of ``a`` [n_A, d] and ``b`` [n_B, d].
+
+    Rows are normalised here; ``signed=False`` uses ``|cos|``. Below ``dense_limit``
+    on both sides the dense float64 scipy solver is used; otherwise the certified
+    sparse method of the module docstring. ``device`` is where the scan matmuls run (default
+    ``paperlib.device()``: the GPU when present; the dense path always runs on the CPU).
+    """
+    t0 = time.perf_counter()
+    # checked even where the dense path ignores it, so a device this machine lacks is never accepted silently
+    dev = resolve_device(device)
+    x, y = _unit(a, "a"), _unit(b, "b")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"dimension mismatch: a has d={x.shape[1]}, b has d={y.shape[1]}")
+    if max(x.shape[0], y.shape[0]) <= dense_limit:
+        return _dense(x, y, signed, t0)
+    swap = x.shape[0] > y.shape[0]
+    if swap:
+        x, y = y, x
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # the error bound assumes true fp32
+    try:
+        p = _Problem(x, y, signed, dev, top_c, block_rows)
+        sig, w, certified, st = _sparse(p, t0)
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    rows, cols = (sig, np.arange(x.shape[0])) if swap else (np.arange(x.shape[0]), sig)
+    order = np.argsort(rows)
+    st.update(seconds=time.perf_counter() - t0, method="sparse-certified")
+    return Matching(rows[order].astype(np.int64), cols[order].astype(np.int64), w[order], certified, st)

@@ -1,0 +1,1 @@
+"""What SAEs read: synthetic model organisms with a known dictionary, and cached LLM activations on a corpus."""
