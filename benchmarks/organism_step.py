@@ -40,8 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import _git_commit, _load, _machine, _matmul_gflops, _write  # noqa: E402
 
-from paperlib.sae.kernels import fused  # noqa: E402
 from paperlib.sae.bank import SAEBank, SAEConfig  # noqa: E402
+from paperlib.sae.kernels import fused  # noqa: E402
+from paperlib.sae.kernels.dispatch import fused_whole_step  # noqa: E402
 from paperlib.sae.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "organism_step.json"
@@ -110,7 +111,9 @@ def _under_load(architecture: str, d: int, n: int, k: int | None, rows: int, see
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=gen).abs() * (torch.rand(rows, d, generator=gen) < 0.2)
     bank = SAEBank(SAEConfig(architecture, d, n, k=k, l1_coeff=1e-2 if architecture == "relu" else 0.0, n_seeds=seeds))
-    whole_step = fused.applies(bank, x)  # train() then picks the whole step's thread count, else the kernel's
+    whole_step = fused_whole_step(
+        bank.cfg, x, "fp32"
+    )  # train() then picks the whole step's thread count, else the kernel's
 
     def step() -> None:
         if whole_step:

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from paperlib.sae.architectures import ARCHITECTURES, Matryoshka
-from paperlib.metrics.consistency import chance_mcc, gt_mcc
 from paperlib.interop import load_sae, save_single
-from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.metrics.consistency import chance_mcc, gt_mcc
+from paperlib.sae.architectures import ARCHITECTURES, Matryoshka
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig, train
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 
 D, N_LATENTS = 8, 12
 ORGANISM = UniformOrganism(d=D, n_gt=N_LATENTS, s=2, n_samples=2000, seed=0)

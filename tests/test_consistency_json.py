@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from paperlib.__main__ import main
-from paperlib.metrics.consistency_json import SCHEMA_VERSION, read, schema, validate
 from paperlib.interop import read_decoder
+from paperlib.metrics.consistency_json import SCHEMA_VERSION, read, schema, validate
 from test_interop import _rand, write_saelens, write_sparsify
 
 D = 48  # wide enough that the runs' own atoms stay far below the shared ones

@@ -20,10 +20,10 @@ from paperlib.runs.convergence import (
     study_doublings,
 )
 from paperlib.runs.trained import trained_bank
-from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.store import Store
-from paperlib.sae.train import TrainConfig, train
 from paperlib.runs.zoo import llm_schedule
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, train
+from paperlib.store import Store
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import torch
 
 from paperlib.runs.trained import trained_bank
 from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import TrainConfig, train
+from paperlib.store import Store
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a GPU machine)")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 import paperlib.interop as io
-from paperlib.sae.architectures import ARCHITECTURES
 from paperlib.atomic import temporaries
 from paperlib.interop import export_sae, export_single, load_sae, read_decoder
+from paperlib.sae.architectures import ARCHITECTURES
 from paperlib.sae.bank import SAEBank, SAEConfig
 
 D, N, K = 8, 24, 3

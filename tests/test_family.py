@@ -27,14 +27,14 @@ from paperlib.runs.family import (
     top_tokens,
     train_family,
 )
-from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.runs.zoo import llm_schedule
 from paperlib.sae.bank import SAEBank
+from paperlib.sae.train import PAPER_CHECKPOINTS
+from paperlib.sae.zoo_presets import zoo_config
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.stitching.path import interpolation_path
 from paperlib.stitching.stitch import insertion_effects, max_cosine
 from paperlib.store import Store
-from paperlib.sae.train import PAPER_CHECKPOINTS
-from paperlib.sae.zoo_presets import zoo_config
-from paperlib.runs.zoo import llm_schedule
 
 D = 8
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.sources import activations as A
 from paperlib.__main__ import main
 from paperlib.atomic import atomic_path, is_temporary, temporary_dir
-from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import TrainConfig, train
+from paperlib.sources import activations as A
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.store import Store
 from test_activations import cfg as activation_cfg
 from test_activations import interrupt_extraction
 from test_activations import tiny  # noqa: F401  (the tiny-model fixture)

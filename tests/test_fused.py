@@ -4,8 +4,9 @@ only where they apply, and a clean fallback when they cannot be compiled."""
 import pytest
 import torch
 
-from paperlib.sae.kernels import fused
 from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.kernels import fused
+from paperlib.sae.kernels.dispatch import kernel_for
 from paperlib.sae.train import TrainConfig, train
 
 
@@ -32,10 +33,10 @@ def perturbed_bank(architecture="topk", d=5, n=7, k=2, seeds=3, **overrides):
 
 def both_paths(bank, x, monkeypatch):
     monkeypatch.setenv("PAPERLIB_FUSED", "1")
-    assert fused.applies(bank, x)
+    assert kernel_for(bank.cfg, x) == "fused"
     on = bank.loss_and_grads(x, n_rows=x.shape[0])
     monkeypatch.setenv("PAPERLIB_FUSED", "0")
-    assert not fused.applies(bank, x)
+    assert kernel_for(bank.cfg, x) == "dense"
     return on, bank.loss_and_grads(x, n_rows=x.shape[0])
 
 
@@ -157,12 +158,18 @@ def test_training_through_the_fused_step_matches_the_torch_path(monkeypatch):
 def test_used_only_where_it_applies(monkeypatch):
     monkeypatch.setenv("PAPERLIB_FUSED", "1")
     x = torch.randn(8, 5)
-    assert fused.applies(perturbed_bank("relu"), x)
-    assert not fused.applies(perturbed_bank("relu"), x.double())
-    assert not fused.applies(perturbed_bank("relu", d=64, n=128), torch.randn(8, 64))  # beyond MAX_WEIGHTS
-    assert not fused.applies(perturbed_bank("topk", d=5, n=48, k=fused.MAX_K + 1), x)
+    assert kernel_for(perturbed_bank("relu").cfg, x) == "fused"
+    assert kernel_for(perturbed_bank("relu").cfg, x.double()) == "dense"
+    assert kernel_for(perturbed_bank("relu", d=64, n=128).cfg, torch.randn(8, 64)) == "dense"  # beyond MAX_WEIGHTS
+    assert kernel_for(perturbed_bank("topk", d=5, n=48, k=fused.MAX_K + 1).cfg, x) == "dense"
+    assert kernel_for(perturbed_bank("topk", d=5, n=48, k=2).cfg, x, sparse=True) == "sparse"
     with torch.autocast("cpu", dtype=torch.bfloat16):  # precision="bf16": the torch path autocasts
-        assert not fused.applies(perturbed_bank("relu"), x)
+        assert kernel_for(perturbed_bank("relu").cfg, x) == "dense"
+    x_llm = torch.randn(8, 64)  # an LLM-sized TopK SAE (k small next to n) takes the sparse path by default
+    assert kernel_for(SAEConfig("topk", 64, 2048, k=8), x_llm) == "sparse"
+    assert kernel_for(SAEConfig("topk", 64, 2048, k=8), x_llm, sparse=False) == "dense"
+    with pytest.raises(ValueError, match="sparse path is for TopK"):
+        kernel_for(SAEConfig("relu", 64, 2048), x_llm, sparse=True)
 
 
 def test_without_a_compiler_it_warns_once_and_trains_on_the_torch_path(monkeypatch, tmp_path):

@@ -4,8 +4,8 @@ on the thread count, and carries the sparse TopK step."""
 import pytest
 import torch
 
-from paperlib.sae.kernels import gemm
 from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.kernels import gemm
 from paperlib.sae.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(gemm._linear() is None, reason="this torch build has no oneDNN linear")

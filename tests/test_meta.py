@@ -4,6 +4,7 @@ width, a planted structure is recovered and decomposed, the cache returns the sa
 import pytest
 import torch
 
+from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.stitching.meta import (
     MetaSAEConfig,
     compare_to_saes,
@@ -15,7 +16,6 @@ from paperlib.stitching.meta import (
     unit_directions,
     variance_explained,
 )
-from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.store import Store
 
 FAST = dict(lr=1e-2, steps=300, batch_size=None, log_every=100)

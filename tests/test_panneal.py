@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from paperlib.sae.architectures import ARCHITECTURES, PAnneal
 from paperlib.interop import load_sae, save_single
-from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.runs.trained import trained_bank
+from paperlib.sae.architectures import ARCHITECTURES, PAnneal
 from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import TrainConfig, evaluate, train
 from paperlib.sae.zoo_presets import L1_FAMILY, ZOO, zoo_config
+from paperlib.sources.organism import UniformOrganism, sample_uniform
+from paperlib.store import Store
 from test_train import interrupted_and_resumed
 
 DATA = sample_uniform(UniformOrganism(d=16, n_gt=32, s=3, n_samples=2048, seed=0))

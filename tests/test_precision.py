@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from paperlib.metrics.consistency import chance_mcc, gt_mcc
-from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.runtime import matmul_precision, resolve_precision
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig, evaluate, train
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 
 ORGANISM = UniformOrganism(d=32, n_gt=48, s=3, n_samples=1024, seed=0)
 

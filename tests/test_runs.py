@@ -6,8 +6,8 @@ import torch
 
 from paperlib.runs.trained import trained_bank
 from paperlib.sae.bank import SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import TrainConfig
+from paperlib.store import Store
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from paperlib.sources.organism import UniformOrganism, sample
-from paperlib.sae.bank import SAEConfig
 from paperlib.runs.seeding import decoders, seeded_runs
-from paperlib.store import Store
+from paperlib.sae.bank import SAEConfig
 from paperlib.sae.train import TrainConfig
+from paperlib.sources.organism import UniformOrganism, sample
+from paperlib.store import Store
 
 ORGANISM = UniformOrganism(d=8, n_gt=12, s=2, n_samples=512, seed=3)
 SAE = SAEConfig("topk", d_model=8, n_latents=12, k=2, seed=5)

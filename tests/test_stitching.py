@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, evaluate, train
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.stitching.path import interpolation_path
 from paperlib.stitching.stitch import (
     SAEView,
@@ -17,7 +18,6 @@ from paperlib.stitching.stitch import (
     stitch,
     stitch_moves,
 )
-from paperlib.sae.train import TrainConfig, evaluate, train
 
 D = 8
 ORGANISM = UniformOrganism(d=D, n_gt=16, s=2, n_samples=1500, seed=3)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from paperlib.metrics.consistency import chance_mcc, gt_mcc
-from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig, evaluate, train
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 
 ORGANISM = UniformOrganism(d=8, n_gt=12, s=2, n_samples=2000, seed=0)
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from paperlib.sae.architectures import ARCHITECTURES, Matryoshka
-from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.sae.bank import SAEBank
 from paperlib.sae.train import TrainConfig, train
 from paperlib.sae.zoo_presets import (
@@ -20,6 +19,7 @@ from paperlib.sae.zoo_presets import (
     mean_sq_norm,
     zoo_config,
 )
+from paperlib.sources.organism import UniformOrganism, sample_uniform
 
 
 def config(architecture, data_scale=3.0, sparsity=3, n_latents=32, **kw):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from paperlib.runs.family import FamilyConfig, MemoryActivations, train_family
+from paperlib.runs.zoo import llm_schedule, rule_config, zoo_run
+from paperlib.sae.zoo_presets import zoo_config
 from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.store import Store
-from paperlib.sae.zoo_presets import zoo_config
-from paperlib.runs.zoo import llm_schedule, rule_config, zoo_run
 
 D, WIDTH, TARGET = 16, 48, 3
 

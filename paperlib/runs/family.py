@@ -41,13 +41,13 @@ from torch import Tensor
 
 from paperlib.explain.contexts import TopContexts, top_contexts
 from paperlib.runs.trained import TrainedRun, held_out_split
+from paperlib.runs.zoo import rule_config, zoo_run
 from paperlib.sae.bank import SAEConfig
+from paperlib.sae.train import TrainConfig
+from paperlib.sae.zoo_presets import ZOO, L1Calibration
 from paperlib.stitching.path import StitchPath, interpolation_path
 from paperlib.stitching.stitch import Insertion, Move, SAEView, StitchConfig, insertion_effects
 from paperlib.store import Store
-from paperlib.sae.train import TrainConfig
-from paperlib.sae.zoo_presets import ZOO, L1Calibration
-from paperlib.runs.zoo import rule_config, zoo_run
 
 _KINDS = ("swap", "insert", "remove", "bias")
 

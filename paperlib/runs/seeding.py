@@ -25,8 +25,8 @@ from torch import Tensor
 
 from paperlib.runs.trained import trained_bank
 from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import TrainConfig
+from paperlib.store import Store
 
 Varied = Literal["init", "order", "both"]
 VARIED: tuple[Varied, ...] = ("init", "order", "both")

@@ -24,8 +24,8 @@ from paperlib._stack import user_stacklevel
 from paperlib.checks import is_real
 from paperlib.runtime import resolve_device
 from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import Callback, TrainConfig, train
+from paperlib.store import Store
 
 _STATE, _HISTORY, _CHECKPOINT = "state.", "history.", "checkpoint."
 

@@ -21,9 +21,9 @@ import torch
 
 from paperlib.runs.trained import TrainedRun, activation_run
 from paperlib.sae.bank import SAEConfig
-from paperlib.store import Store
 from paperlib.sae.train import PAPER_CHECKPOINTS, TrainConfig
 from paperlib.sae.zoo_presets import K_FAMILY, L1_FAMILY, L1Calibration, calibrate_l1, zoo_config
+from paperlib.store import Store
 
 
 @dataclass(frozen=True)

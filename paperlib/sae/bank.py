@@ -18,8 +18,8 @@ the LLM notebooks set what the papers' LLM runs used.
 ReLU and TopK (without AuxK) also have exact closed-form gradients (``loss_and_grads``) that
 process a batch in cache-sized chunks and never build an autograd graph: ~3x faster than autograd
 on CPU, and equal to it (tested); for TopK with k much smaller than n they touch only the k active
-latents of each sample (``sparse_topk.py``); for small SAEs on CPU the whole step is one fused C++
-kernel (``fused.py``). Everything else trains through autograd on ``loss``.
+latents of each sample; for small SAEs on CPU the whole step is one fused C++ kernel. Which kernel
+runs is decided in one place, ``kernels/dispatch.py``. Everything else trains through autograd on ``loss``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from typing import NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from paperlib.sae.architectures import ARCHITECTURES, Architecture
 from paperlib.checks import is_int, is_real
-from paperlib.sae.kernels.fused import fused_grads
-from paperlib.runtime import maybe_compile
-from paperlib.sae.kernels.sparse_topk import sparse_pays_off, sparse_topk_loss_and_grads
+from paperlib.sae.architectures import ARCHITECTURES, Architecture
+from paperlib.sae.kernels.dispatch import closed_form_grads
+from paperlib.sae.kernels.params import Params
 
 
 @dataclass(frozen=True)
@@ -300,70 +299,7 @@ class SAEBank(nn.Module):
             raise ValueError(f"{self.cfg.architecture} SAEs have no closed-form gradient {why}; use loss()")
         self._check_input(x)
         l1 = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
-        dims = x.shape[1] if self.cfg.reconstruction == "mean" else 1
-        if sparse is None:
-            k = self.cfg.k
-            sparse = self.cfg.architecture == "topk" and k is not None and sparse_pays_off(k, self.cfg.n_latents)
-        if sparse:
-            if self.cfg.architecture != "topk":
-                raise ValueError(f"the sparse path is for TopK SAEs, not {self.cfg.architecture}")
-            grads, sums, fired = sparse_topk_loss_and_grads(self, x, n_rows, l1, dims)
-        else:
-            fused = fused_grads(self, x, n_rows, l1, dims)  # small SAEs on CPU: one fused pass
-            grads, sums, fired = fused if fused is not None else self._dense_grads(x, n_rows, chunk_size, l1, dims)
-        named = dict(zip(("W_dec", "W_enc", "b_enc", "b_dec"), grads))
-        return named, {"sq_err": sums[0], "l1": sums[1], "l0": sums[2], "fired": fired}
-
-    def _dense_grads(self, x: Tensor, n_rows: int, chunk_size: int, l1: float, dims: int):
-        params = (self.W_dec, self.W_enc, self.b_enc, self.b_dec)
-        grads = [torch.zeros_like(p) for p in params]
-        sums = torch.zeros(3, self.n_seeds, device=x.device)
-        fired = torch.zeros(self.n_seeds, self.cfg.n_latents, dtype=torch.bool, device=x.device)
-        # 0-d tensors, not floats: a compiled graph specialises on Python floats and would recompile
-        # for every new L1 coefficient (sparsity warm-up, L1 calibration) or batch size.
-        err_scale = torch.tensor(2.0 / (n_rows * dims), device=x.device)
-        l1_per_row = torch.tensor(l1 / n_rows, device=x.device)
-        for start in range(0, x.shape[0], chunk_size):
-            *chunk, chunk_fired = _masked_chunk_grads(
-                x[start : start + chunk_size], *params, self.cfg.arch, self.cfg.k or 0, err_scale, l1_per_row
-            )
-            for acc, part in zip(grads + [sums], chunk):
-                acc += part
-            fired |= chunk_fired
-        # The pre-encoder bias enters through x - b_dec: d/d b_dec gets -(sum dpre) W_enc^T.
-        grads[3] -= torch.bmm(grads[2][:, None], self.W_enc.transpose(1, 2))[:, 0]
-        return grads, sums, fired
-
-
-@maybe_compile
-def _masked_chunk_grads(
-    x: Tensor,
-    W_dec: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    arch: type[Architecture],
-    k: int,
-    err_scale: Tensor,
-    l1_per_row: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One chunk's contribution to the gradients (b_dec only through the decoder), the loss sums
-    and which latents fired. ``err_scale`` = 2 / (rows · dims averaged over), ``l1_per_row`` =
-    L1 coefficient / rows."""
-    centred = x - b_dec[:, None]
-    pre = torch.baddbmm(b_enc[:, None], centred, W_enc)
-    active = arch.mask(pre, k)
-    mask = active.to(pre.dtype)
-    codes = pre.relu() * mask
-    err = torch.baddbmm(b_dec[:, None], codes, W_dec) - x
-    g = err * err_scale
-    d_codes = (torch.bmm(g, W_dec.transpose(1, 2)) + l1_per_row) * mask
-    sums = torch.stack([err.square().sum((1, 2)), codes.sum((1, 2)), mask.sum((1, 2))])
-    return (
-        torch.bmm(codes.transpose(1, 2), g),
-        torch.bmm(centred.transpose(1, 2), d_codes),
-        d_codes.sum(1),
-        g.sum(1),
-        sums,
-        active.any(1),
-    )
+        params = Params(self.W_dec, self.W_enc, self.b_enc, self.b_dec)
+        step = closed_form_grads(self.cfg, params, x, n_rows=n_rows, l1_coeff=l1, chunk_size=chunk_size, sparse=sparse)
+        sums = step.sums
+        return step.grads._asdict(), {"sq_err": sums[0], "l1": sums[1], "l0": sums[2], "fired": step.fired}

@@ -58,12 +58,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from paperlib.sae.kernels import fused
 from paperlib._stack import user_stacklevel
 from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.checks import is_int, is_real
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_device, resolve_precision
 from paperlib.sae.bank import SAEBank
+from paperlib.sae.kernels import fused
+from paperlib.sae.kernels.dispatch import fused_whole_step
 from paperlib.store import jsonable
 
 Callback = Callable[[SAEBank], "float | np.ndarray | Tensor"]
@@ -326,9 +327,7 @@ def train(
             checkpoint(0)
     # Small SAEs on the fused path: every number of their step is thread-count independent, so the
     # step runs at whichever thread count is measured fastest (paperlib.sae.kernels.fused.step_threads).
-    fused_step = (
-        fused.applies(bank, x) and resolve_precision(cfg.precision, x.device) == "fp32" and not bank.cfg.aux_coeff
-    )
+    fused_step = fused_whole_step(bank.cfg, x, cfg.precision)
     step_key = f"train_{bank.cfg.architecture}_{bank.n_seeds}_{bank.cfg.d_model}_{bank.cfg.n_latents}_{cfg.batch_size}"
     for step in tqdm(
         range(start + 1, cfg.steps + 1),

@@ -40,17 +40,13 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from paperlib._stack import user_stacklevel
 from paperlib.runtime import cpu_signature
+from paperlib.sae.kernels.params import Gradients, Params
 from paperlib.store import default_root
-
-if TYPE_CHECKING:
-    from paperlib.sae.bank import SAEBank
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 MAX_WEIGHTS = 4096  # d·n above this: the per-lane accumulators leave L1/L2 and torch's GEMMs win
@@ -62,37 +58,30 @@ def enabled() -> bool:
     return os.environ.get("PAPERLIB_FUSED", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def applies(bank: SAEBank, x: Tensor) -> bool:
-    """Whether ``bank``'s closed-form step on ``x`` can run fused (compilation aside)."""
-    cfg = bank.cfg
+def applies(x: Tensor, architecture: str, d_model: int, n_latents: int, k: int | None) -> bool:
+    """Whether the closed-form step of this SAE shape on ``x`` can run fused (compilation aside)."""
     return (
         enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and cfg.architecture in ("relu", "topk")
-        and cfg.d_model * cfg.n_latents <= MAX_WEIGHTS
-        and (cfg.k or 0) <= MAX_K
+        and architecture in ("relu", "topk")
+        and d_model * n_latents <= MAX_WEIGHTS
+        and (k or 0) <= MAX_K
     )
 
 
-def fused_grads(
-    bank: SAEBank, x: Tensor, n_rows: int, l1_coeff: float, dims: int
-) -> tuple[list[Tensor], Tensor, Tensor] | None:
-    """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), loss sums [3, S] (squared error,
-    L1, L0) and the [S, n] mask of latents that fired; None when the kernel does not apply or
-    cannot be compiled here (the caller then runs the torch path)."""
-    if not applies(bank, x):
-        return None
-    cfg = bank.cfg
-    library = _library("fused_step", d=cfg.d_model, n=cfg.n_latents, k=cfg.k or 0)
+def fused_grads(params: Params, x: Tensor, k: int | None, n_rows: int, l1_coeff: float, dims: int) -> Gradients | None:
+    """The closed-form step of a ReLU (``k`` None) or TopK SAE, fused; None when the kernel cannot be
+    compiled here (the caller then runs the torch path). The caller checks ``applies`` first."""
+    S, d, n = params.W_enc.shape
+    library = _library("fused_step", d=d, n=n, k=k or 0)
     if library is None:
         return None
-    S, d, n = bank.n_seeds, cfg.d_model, cfg.n_latents
     x = x.contiguous()
-    weights = [p.detach().contiguous() for p in (bank.W_enc, bank.b_enc, bank.W_dec, bank.b_dec)]
+    weights = [p.detach().contiguous() for p in (params.W_enc, params.b_enc, params.W_dec, params.b_dec)]
     out = torch.empty(S, library.partial_floats())
-    _threads_for(f"fused_step_{S}_{d}_{n}_{cfg.k or 0}_{x.shape[0]}").run(
+    _threads_for(f"fused_step_{S}_{d}_{n}_{k or 0}_{x.shape[0]}").run(
         lambda threads: library.fused_step(
             _ptr(x),
             ctypes.c_long(x.shape[0]),
@@ -106,8 +95,8 @@ def fused_grads(
     )
     d_W_dec, d_W_enc, d_b_enc, d_b_dec, sums, fired = out.split([n * d, d * n, n, d, 3, n], dim=1)
     d_b_dec = d_b_dec - torch.bmm(d_b_enc[:, None], weights[0].transpose(1, 2))[:, 0]
-    grads = [d_W_dec.reshape(S, n, d), d_W_enc.reshape(S, d, n), d_b_enc.contiguous(), d_b_dec]
-    return grads, sums.T.contiguous(), fired > 0
+    grads = Params(d_W_dec.reshape(S, n, d), d_W_enc.reshape(S, d, n), d_b_enc.contiguous(), d_b_dec)
+    return Gradients(grads, sums.T.contiguous(), fired > 0)
 
 
 def sparse_tail(

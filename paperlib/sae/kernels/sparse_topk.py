@@ -21,17 +21,13 @@ automatically when k is small next to n.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from paperlib.sae.kernels import gemm
 from paperlib.sae.kernels.fused import sparse_tail
-
-if TYPE_CHECKING:
-    from paperlib.sae.bank import SAEBank
+from paperlib.sae.kernels.params import Gradients, Params
 
 SPARSE_MIN_LATENTS = 512  # below this the dense path is as fast (and compiles well)
 SPARSE_MAX_DENSITY = 1 / 16  # k / n above this: the dense path wins
@@ -42,41 +38,36 @@ def sparse_pays_off(k: int, n_latents: int) -> bool:
 
 
 @torch.no_grad()
-def sparse_topk_loss_and_grads(
-    bank: SAEBank, x: Tensor, n_rows: int, l1_coeff: float, dims: int, chunk_size: int = 256
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Gradients [W_dec, W_enc, b_enc, b_dec] (b_dec complete), the loss sums [3, S] (squared
-    error, L1, L0) and the [S, n] mask of latents that fired, for a TopK bank on batch ``x``."""
-    k, n = bank.cfg.k, bank.cfg.n_latents
-    if k is None:
-        raise ValueError("the sparse TopK path needs a TopK configuration (k set)")
+def sparse_topk_grads(
+    params: Params, x: Tensor, k: int, n_rows: int, l1_coeff: float, dims: int, chunk_size: int = 256
+) -> Gradients:
+    """The closed-form step of a TopK SAE on batch ``x``, touching only the k active latents per row."""
+    n_seeds, n = params.b_enc.shape
     grads = [
-        torch.zeros_like(bank.W_dec),
-        torch.empty_like(bank.W_enc),  # W_enc's and b_dec's: set per seed below
-        torch.zeros_like(bank.b_enc),
-        torch.empty_like(bank.b_dec),
+        torch.zeros_like(params.W_dec),
+        torch.empty_like(params.W_enc),  # W_enc's and b_dec's: set per seed below
+        torch.zeros_like(params.b_enc),
+        torch.empty_like(params.b_dec),
     ]
-    sums = torch.zeros(3, bank.n_seeds, device=x.device)
-    fired = torch.zeros(bank.n_seeds, n, dtype=torch.bool, device=x.device)
+    sums = torch.zeros(3, n_seeds, device=x.device)
+    fired = torch.zeros(n_seeds, n, dtype=torch.bool, device=x.device)
     scale = 2.0 / (n_rows * dims)
-    for s in range(bank.n_seeds):
-        W_dec, W_enc = bank.W_dec[s], bank.W_enc[s]
+    for s in range(n_seeds):
+        W_dec, W_enc, b_dec = params.W_dec[s], params.W_enc[s], params.b_dec[s]
         d_W_dec, d_W_enc_t = grads[0][s], torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype)
-        centred = x - bank.b_dec[s]
-        pre = gemm.addmm(bank.b_enc[s], centred, W_enc).float()  # fp32 even when autocast made the GEMM bf16
+        centred = x - b_dec
+        pre = gemm.addmm(params.b_enc[s], centred, W_enc).float()  # fp32 even when autocast made the GEMM bf16
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0
-        tail = sparse_tail(
-            x, bank.b_dec[s], W_dec, W_enc, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t, grads[2][s]
-        )
+        tail = sparse_tail(x, b_dec, W_dec, W_enc, idx, val, scale, l1_coeff / n_rows, d_W_dec, d_W_enc_t, grads[2][s])
         if tail is not None:  # on CPU: the same sums in C++, each in a fixed order (fused.py)
             grads[3][s], sums[:, s] = tail
         else:
             g, d_val, sq_err = _torch_tail(
                 x,
                 centred,
-                bank.b_dec[s],
+                b_dec,
                 W_dec,
                 idx,
                 val,
@@ -92,7 +83,7 @@ def sparse_topk_loss_and_grads(
             sums[:, s] = torch.stack([sq_err, val.sum(), active.sum().to(val.dtype)])
         grads[1][s] = d_W_enc_t.T
         fired[s, idx[active]] = True
-    return grads, sums, fired
+    return Gradients(Params(*grads), sums, fired)
 
 
 def _torch_tail(
