@@ -20,6 +20,7 @@ from paperlib.metrics.stability import latent_stability
 from paperlib.runtime import device
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig, train
+from paperlib.sae.view import SAEView
 from paperlib.sources.activations import ActivationConfig, load_activations
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "ActivationConfig",
     "SAEBank",
     "SAEConfig",
+    "SAEView",
     "TrainConfig",
     "bootstrap_interval",
     "chance_mcc",

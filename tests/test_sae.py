@@ -170,6 +170,26 @@ def test_one_seed_of_a_float64_bank_stays_float64():
         torch.testing.assert_close(value[0], bank.state_dict()[name][1], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
+def test_indexing_a_bank_gives_one_sae_without_the_seed_axis():
+    bank = SAEBank(SAEConfig("topk", d_model=6, n_latents=10, k=3, n_seeds=3, seed=4))
+    with torch.no_grad():
+        bank.b_dec.add_(0.1 * torch.randn_like(bank.b_dec))
+    x = torch.randn(7, 6)
+    recon, codes = bank(x)
+    for i, one in enumerate(bank):  # iteration stops at the last seed (IndexError)
+        assert torch.equal(one.W_dec, bank.W_dec[i].detach()) and torch.equal(one.b_dec, bank.b_dec[i].detach())
+        assert torch.equal(one.encode(x), codes[i])
+        torch.testing.assert_close(one.decode(one.encode(x)), recon[i])
+        assert (one.n_latents, one.d_model) == (10, 6)
+    assert i == 2
+    with pytest.raises(IndexError, match="seed index 3 out of range for a bank of 3"):
+        bank[3]
+    with pytest.raises(IndexError, match="seed index 1 out of range for a bank of 1"):
+        SAEBank(SAEConfig("relu", 6, 10))[1]
+    with pytest.raises(TypeError, match="index a bank with a seed number"):
+        bank[0:2]
+
+
 def test_loss_outputs_are_named():
     bank = SAEBank(SAEConfig("relu", d_model=4, n_latents=6, l1_coeff=0.1, n_seeds=2))
     x = torch.randn(5, 4)

@@ -7,10 +7,10 @@ import torch
 
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig, evaluate, train
+from paperlib.sae.view import SAEView
 from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.stitching.path import interpolation_path
 from paperlib.stitching.stitch import (
-    SAEView,
     StitchConfig,
     insertion_effects,
     max_cosine,
@@ -239,7 +239,7 @@ def test_bad_inputs_are_refused_with_the_fix(saes, x):
         StitchConfig(max_gram_entries=0)
     with pytest.raises(ValueError, match="max_gram_entries=100"):
         interpolation_path(S, L, x, config=StitchConfig(max_gram_entries=100))
-    with pytest.raises(ValueError, match=r"bank of 2 seeds; pass bank.seed\(i\)"):
+    with pytest.raises(ValueError, match=r"bank of 2 seeds; pass bank\[i\]"):
         insertion_effects(SAEBank(SAEConfig("relu", d_model=D, n_latents=4, n_seeds=2)), L, x)
     with pytest.raises(ValueError, match="no inference threshold yet"):
         SAEView.from_bank(SAEBank(SAEConfig("batchtopk", d_model=D, n_latents=4, k=1)))

@@ -44,9 +44,10 @@ from paperlib.runs.trained import TrainedRun, held_out_split
 from paperlib.runs.zoo import rule_config, zoo_run
 from paperlib.sae.bank import SAEConfig
 from paperlib.sae.train import TrainConfig
+from paperlib.sae.view import SAEView
 from paperlib.sae.zoo_presets import ZOO, L1Calibration
 from paperlib.stitching.path import StitchPath, interpolation_path
-from paperlib.stitching.stitch import Insertion, Move, SAEView, StitchConfig, insertion_effects
+from paperlib.stitching.stitch import Insertion, Move, StitchConfig, insertion_effects
 from paperlib.store import Store
 
 _KINDS = ("swap", "insert", "remove", "bias")

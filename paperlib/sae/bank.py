@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ from paperlib.checks import is_int, is_real
 from paperlib.sae.architectures import ARCHITECTURES, Architecture
 from paperlib.sae.kernels.dispatch import closed_form_grads
 from paperlib.sae.kernels.params import Params
+
+if TYPE_CHECKING:
+    from paperlib.sae.view import SAEView
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,14 @@ class SAEBank(nn.Module):
         single = SAEBank(replace(self.cfg, n_seeds=1, seed=self.cfg.seed + i)).to(self.W_dec.dtype)
         single.load_state_dict({name: value[i : i + 1] for name, value in self.state_dict().items()})
         return single.to(self.W_dec.device)
+
+    def __getitem__(self, i: int) -> SAEView:
+        """Seed ``i`` as one SAE (``SAEView``: codes [B, n] and a decoder, no seed axis)."""
+        from paperlib.sae.view import SAEView  # it builds on SAEBank
+
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"index a bank with a seed number, got {i!r}")
+        return SAEView.from_bank(self, seed=i)
 
     def closed_form_now(self) -> bool:
         """Whether ``loss_and_grads`` gives this step's exact gradients: for closed-form architectures

@@ -41,7 +41,8 @@ from torch import Tensor
 from paperlib.runs.trained import trained_bank
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig
-from paperlib.stitching.stitch import SAEView, max_cosine
+from paperlib.sae.view import SAEView
+from paperlib.stitching.stitch import max_cosine
 from paperlib.store import Store
 
 PAPER_WIDTH_FRACTION = 2304 / 49152  # paper B: 2304 meta-latents for the 49152-latent SAE

@@ -14,16 +14,15 @@ import torch
 from torch import Tensor
 
 from paperlib.sae.bank import SAEBank
+from paperlib.sae.view import SAEView, as_view
 from paperlib.stitching.stitch import (
     Insertion,
     Move,
-    SAEView,
     StitchConfig,
     _check_pair,
     _encode_pair,
     _insertion,
     _Pass,
-    as_view,
     stitch_moves,
 )
 
