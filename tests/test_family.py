@@ -11,22 +11,13 @@ import pytest
 import torch
 
 from paperlib.explorer import write_explorer
-from paperlib.runs.family import (
-    FamilyConfig,
-    MemoryActivations,
-    auc,
-    cached_insertion,
-    cached_path,
-    cached_top_contexts,
-    cross_seed_similarity,
-    novel_fraction,
-    partial_rank_correlation,
-    rank_correlation,
-    path_from_tensors,
-    path_tensors,
-    top_tokens,
-    train_family,
-)
+from paperlib.explain.contexts import top_tokens
+from paperlib.metrics.ranks import auc, partial_rank_correlation, rank_correlation
+from paperlib.metrics.stability import cross_seed_similarity
+from paperlib.runs.family import FamilyConfig, cached_insertion, cached_path, cached_top_contexts, train_family
+from paperlib.sources.activations import MemoryActivations
+from paperlib.stitching.path import path_from_tensors, path_tensors
+from paperlib.stitching.stitch import novel_fraction
 from paperlib.runs.zoo import llm_schedule
 from paperlib.sae.bank import SAEBank
 from paperlib.sae.train import PAPER_CHECKPOINTS

@@ -92,7 +92,7 @@ def test_massive_rows_are_left_out_of_training_and_the_filter_is_checked():
 
 
 def test_an_activation_run_trains_without_the_massive_rows(store):
-    from paperlib.runs.family import MemoryActivations
+    from paperlib.sources.activations import MemoryActivations
     from paperlib.runs.trained import activation_run
 
     x = data()

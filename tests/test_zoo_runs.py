@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from paperlib.runs.family import FamilyConfig, MemoryActivations, train_family
+from paperlib.runs.family import FamilyConfig, train_family
+from paperlib.sources.activations import MemoryActivations
 from paperlib.runs.zoo import llm_schedule, rule_config, zoo_run
 from paperlib.sae.zoo_presets import zoo_config
 from paperlib.sources.organism import UniformOrganism, sample_uniform

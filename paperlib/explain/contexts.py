@@ -376,3 +376,17 @@ def _quantile_samples(values: Tensor, rows: Tensor, valid: Tensor, n: int) -> tu
     q_values = torch.where(has, sorted_values.gather(-1, position), torch.zeros(()))
     q_rows = torch.where(has, sorted_rows.gather(-1, position), torch.tensor(-1))
     return q_values, q_rows
+
+
+def top_tokens(found: TopContexts, decode_row, *, n: int = 3) -> list[list[str]]:
+    """Per latent of ``found`` (seed 0): its ``n`` most common activating tokens among its top rows,
+    most common first (ties: stronger activation first). ``decode_row(row)`` gives a row's token."""
+    out = []
+    for rows in found.rows[0].tolist():
+        counts: dict[str, int] = {}
+        for row in rows:
+            if row >= 0:
+                token = decode_row(row).strip() or repr(decode_row(row))
+                counts[token] = counts.get(token, 0) + 1
+        out.append(sorted(counts, key=lambda t: -counts[t])[:n])  # sorted is stable: first seen wins ties
+    return out

@@ -90,3 +90,19 @@ def _thresholds(thresholds: Sequence[float]) -> np.ndarray:
     if t.ndim != 1 or not t.size or not np.isfinite(t).all():
         raise ValueError(f"thresholds must be a non-empty list of finite cosines, got {thresholds!r}")
     return t
+
+
+def cross_seed_similarity(
+    matches: list, pairs: list[tuple[int, int, float]], n_runs: int, n_latents: int
+) -> np.ndarray:
+    """Per run and latent [R, n]: the mean cosine of the latent's matched partners in the other runs
+    (from ``consistency.pw_mcc``'s ``matches`` and ``pairs``; needs equal widths, so every latent is
+    matched). Paper A's per-pair similarity, seen from each latent."""
+    total, count = np.zeros((n_runs, n_latents)), np.zeros((n_runs, n_latents))
+    for (i, j, _), m in zip(pairs, matches):
+        for run, index in ((i, m.rows), (j, m.cols)):
+            total[run, index] += m.similarity
+            count[run, index] += 1
+    if (count != n_runs - 1).any():
+        raise ValueError("every latent must be matched in every pair (pass runs of equal width and no dead masks)")
+    return total / count

@@ -34,9 +34,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 from paperlib.explain.contexts import TopContexts, top_contexts
@@ -46,11 +44,15 @@ from paperlib.sae.bank import SAEConfig
 from paperlib.sae.train import TrainConfig
 from paperlib.sae.view import SAEView
 from paperlib.sae.zoo_presets import ZOO, L1Calibration
-from paperlib.stitching.path import StitchPath, interpolation_path
-from paperlib.stitching.stitch import Insertion, Move, StitchConfig, insertion_effects
+from paperlib.stitching.path import StitchPath, interpolation_path, path_from_tensors, path_tensors
+from paperlib.stitching.stitch import (
+    Insertion,
+    StitchConfig,
+    insertion_effects,
+    insertion_from_tensors,
+    insertion_tensors,
+)
 from paperlib.store import Store
-
-_KINDS = ("swap", "insert", "remove", "bias")
 
 
 @dataclass(frozen=True)
@@ -201,99 +203,6 @@ def train_family(
     )
 
 
-@dataclass(frozen=True)
-class MemoryActivations:
-    """Activations already in memory ([n_rows, d_model] float), for ``train_family`` on your own data
-    and in tests. ``config`` (the cache key) is the name and the sha256 of the rows."""
-
-    x: Tensor
-    name: str = "in-memory"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.x, Tensor) or self.x.ndim != 2 or self.x.shape[0] < 2 or not self.x.is_floating_point():
-            got = tuple(self.x.shape) if isinstance(self.x, Tensor) else type(self.x).__name__
-            raise ValueError(f"MemoryActivations needs a float tensor [n_rows >= 2, d_model], got {got}")
-        if not torch.isfinite(self.x).all():
-            raise ValueError("MemoryActivations: x has NaN/Inf entries; clean or drop those rows first")
-
-    @property
-    def config(self) -> dict[str, Any]:
-        digest = hashlib.sha256(self.x.detach().float().cpu().numpy().tobytes()).hexdigest()
-        return {"name": self.name, "shape": list(self.x.shape), "sha256": digest}
-
-    @property
-    def d_model(self) -> int:
-        return self.x.shape[1]
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def fp32(self, rows: slice | Tensor | None = None) -> Tensor:
-        return (self.x if rows is None else self.x[rows]).float()
-
-
-# ------------------------------------------------------------------------------ cached results
-def _insertion_tensors(ins: Insertion) -> dict[str, Tensor]:
-    return {"delta_mse": ins.delta_mse, "max_cos": ins.max_cos, "closest": ins.closest, "frequency": ins.frequency}
-
-
-def _insertion(t: dict[str, Tensor], meta: dict) -> Insertion:
-    return Insertion(t["delta_mse"], t["max_cos"], t["closest"], t["frequency"], meta["mse_small"], meta["mse_large"])
-
-
-def _flat(groups: list[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
-    ptr = torch.tensor([0] + [len(g) for g in groups]).cumsum(0)
-    return torch.tensor([i for g in groups for i in g], dtype=torch.long), ptr
-
-
-def path_tensors(path: StitchPath) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A ``StitchPath`` as (tensors, meta) for ``Store.cached``; ``path_from_tensors`` inverts it."""
-    removed, removed_ptr = _flat([m.removed for m in path.moves])
-    added, added_ptr = _flat([m.added for m in path.moves])
-    tensors = {
-        "n_latents": torch.as_tensor(path.n_latents),
-        "mse": torch.as_tensor(path.mse),
-        "l0": torch.as_tensor(path.l0),
-        "delta": torch.as_tensor(path.delta),
-        "violations": torch.as_tensor(path.violations, dtype=torch.long),
-        "kind": torch.tensor([_KINDS.index(m.kind) for m in path.moves], dtype=torch.long),
-        "removed": removed,
-        "removed_ptr": removed_ptr,
-        "added": added,
-        "added_ptr": added_ptr,
-        **{f"insertion.{k}": v for k, v in _insertion_tensors(path.insertion).items()},
-    }
-    meta = {
-        "mse_small": path.mse_small,
-        "mse_large": path.mse_large,
-        "endpoint_error": path.endpoint_error,
-        "sizes": list(path.sizes),
-    }
-    return tensors, meta
-
-
-def path_from_tensors(t: dict[str, Tensor], meta: dict[str, Any]) -> StitchPath:
-    def group(name: str, m: int) -> tuple[int, ...]:
-        ptr = t[f"{name}_ptr"]
-        return tuple(t[name][int(ptr[m]) : int(ptr[m + 1])].tolist())
-
-    moves = tuple(Move(_KINDS[int(k)], group("removed", m), group("added", m)) for m, k in enumerate(t["kind"]))
-    insertion = _insertion({k[len("insertion.") :]: v for k, v in t.items() if k.startswith("insertion.")}, meta)
-    return StitchPath(
-        t["n_latents"].numpy(),
-        t["mse"].numpy(),
-        t["l0"].numpy(),
-        t["delta"].numpy(),
-        moves,
-        meta["mse_small"],
-        meta["mse_large"],
-        meta["endpoint_error"],
-        t["violations"].numpy(),
-        insertion,
-        tuple(meta["sizes"]),
-    )
-
-
 def cached_path(
     small: SAEView,
     large: SAEView,
@@ -322,10 +231,10 @@ def cached_insertion(
 
     def compute():
         ins = insertion_effects(small, large, x)
-        return _insertion_tensors(ins), {"mse_small": ins.mse_small, "mse_large": ins.mse_large}
+        return insertion_tensors(ins), {"mse_small": ins.mse_small, "mse_large": ins.mse_large}
 
     entry = store.cached("stitch-insertion", key, compute)
-    return _insertion(entry.tensors, entry.meta)
+    return insertion_from_tensors(entry.tensors, entry.meta)
 
 
 def cached_top_contexts(
@@ -348,85 +257,3 @@ def cached_top_contexts(
 
     entry = store.cached("top-contexts", config, compute)
     return TopContexts.from_tensors(entry.tensors, entry.meta["n_rows"])
-
-
-def top_tokens(found: TopContexts, decode_row, *, n: int = 3) -> list[list[str]]:
-    """Per latent of ``found`` (seed 0): its ``n`` most common activating tokens among its top rows,
-    most common first (ties: stronger activation first). ``decode_row(row)`` gives a row's token."""
-    out = []
-    for rows in found.rows[0].tolist():
-        counts: dict[str, int] = {}
-        for row in rows:
-            if row >= 0:
-                token = decode_row(row).strip() or repr(decode_row(row))
-                counts[token] = counts.get(token, 0) + 1
-        out.append(sorted(counts, key=lambda t: -counts[t])[:n])  # sorted is stable: first seen wins ties
-    return out
-
-
-def novel_fraction(ins: Insertion, *, alive: Tensor | None = None) -> float:
-    """Fraction of the large SAE's latents with ΔMSE < 0, over ``alive`` latents if given."""
-    mask = torch.ones_like(ins.novel) if alive is None else alive
-    if not mask.any():
-        return float("nan")
-    return float(ins.novel[mask].double().mean())
-
-
-def auc(score: np.ndarray, label: np.ndarray) -> float:
-    """Probability that a random positive has a higher ``score`` than a random negative (ties ½):
-    how well a cheap score separates two classes (0.5 = chance)."""
-    score, label = np.asarray(score, dtype=float), np.asarray(label, dtype=bool)
-    if score.shape != label.shape or score.ndim != 1:
-        raise ValueError(f"auc needs score and label of the same 1-D shape, got {score.shape} and {label.shape}")
-    if label.all() or not label.any():
-        return float("nan")
-    ranks, n_pos = rankdata(score), int(label.sum())  # average ranks: ties count one half
-    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(label) - n_pos)))
-
-
-def cross_seed_similarity(
-    matches: list, pairs: list[tuple[int, int, float]], n_runs: int, n_latents: int
-) -> np.ndarray:
-    """Per run and latent [R, n]: the mean cosine of the latent's matched partners in the other runs
-    (from ``consistency.pw_mcc``'s ``matches`` and ``pairs``; needs equal widths, so every latent is
-    matched). Paper A's per-pair similarity, seen from each latent."""
-    total, count = np.zeros((n_runs, n_latents)), np.zeros((n_runs, n_latents))
-    for (i, j, _), m in zip(pairs, matches):
-        for run, index in ((i, m.rows), (j, m.cols)):
-            total[run, index] += m.similarity
-            count[run, index] += 1
-    if (count != n_runs - 1).any():
-        raise ValueError("every latent must be matched in every pair (pass runs of equal width and no dead masks)")
-    return total / count
-
-
-def rank_correlation(
-    x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Spearman's ρ of ``x`` and ``y`` and a percentile bootstrap interval (pairs resampled)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
-        raise ValueError(f"rank_correlation needs two 1-D arrays of the same length >= 3, got {x.shape} and {y.shape}")
-    rng = np.random.default_rng(seed)
-    rx, ry = rankdata(x), rankdata(y)
-    rho = float(np.corrcoef(rx, ry)[0, 1])
-    boots = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(x), len(x))
-        boots.append(np.corrcoef(rankdata(x[pick]), rankdata(y[pick]))[0, 1])
-    tail = (1 - level) / 2
-    return rho, float(np.nanquantile(boots, tail)), float(np.nanquantile(boots, 1 - tail))
-
-
-def partial_rank_correlation(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
-    """Spearman's ρ of ``x`` and ``y`` with ``z`` partialled out (the rank version of the first-order
-    partial correlation): what is left of the association once both follow a common cause ``z``."""
-    x, y, z = (np.asarray(v, dtype=float) for v in (x, y, z))
-    if not x.shape == y.shape == z.shape or x.ndim != 1 or len(x) < 4:
-        raise ValueError(
-            f"partial_rank_correlation needs three 1-D arrays of the same length >= 4, got "
-            f"{x.shape}, {y.shape}, {z.shape}"
-        )
-    r = np.corrcoef(np.stack([rankdata(x), rankdata(y), rankdata(z)]))
-    rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
-    return float((rxy - rxz * ryz) / np.sqrt((1 - rxz**2) * (1 - ryz**2)))

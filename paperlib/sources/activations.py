@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from paperlib.atomic import atomic_path, write_text
 from paperlib.checks import is_int, is_real
@@ -608,3 +609,34 @@ def _extract(cfg: ActivationConfig, model, tokenizer, tokens: np.ndarray, path: 
     write_text(path / _MANIFEST, json.dumps(manifest, indent=1))
     (path / _PROGRESS).unlink(missing_ok=True)
     return manifest
+
+
+@dataclass(frozen=True)
+class MemoryActivations:
+    """Activations already in memory ([n_rows, d_model] float), for ``train_family`` on your own data
+    and in tests. ``config`` (the cache key) is the name and the sha256 of the rows."""
+
+    x: Tensor
+    name: str = "in-memory"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, Tensor) or self.x.ndim != 2 or self.x.shape[0] < 2 or not self.x.is_floating_point():
+            got = tuple(self.x.shape) if isinstance(self.x, Tensor) else type(self.x).__name__
+            raise ValueError(f"MemoryActivations needs a float tensor [n_rows >= 2, d_model], got {got}")
+        if not torch.isfinite(self.x).all():
+            raise ValueError("MemoryActivations: x has NaN/Inf entries; clean or drop those rows first")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        digest = hashlib.sha256(self.x.detach().float().cpu().numpy().tobytes()).hexdigest()
+        return {"name": self.name, "shape": list(self.x.shape), "sha256": digest}
+
+    @property
+    def d_model(self) -> int:
+        return self.x.shape[1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def fp32(self, rows: slice | Tensor | None = None) -> Tensor:
+        return (self.x if rows is None else self.x[rows]).float()

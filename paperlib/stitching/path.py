@@ -8,6 +8,7 @@ docstring. Split from it to keep each module readable in one sitting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from paperlib.stitching.stitch import (
     _encode_pair,
     _insertion,
     _Pass,
+    insertion_from_tensors,
+    insertion_tensors,
     stitch_moves,
 )
 
@@ -234,4 +237,65 @@ def interpolation_path(
         violations,
         _insertion(small, large, p, x),
         (n_s, n_l),
+    )
+
+
+# --------------------------------------------------------- a path as tensors, for the store
+_KINDS = ("swap", "insert", "remove", "bias")
+
+
+def _flat(groups: list[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+    ptr = torch.tensor([0] + [len(g) for g in groups]).cumsum(0)
+    return torch.tensor([i for g in groups for i in g], dtype=torch.long), ptr
+
+
+def path_tensors(path: StitchPath) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A ``StitchPath`` as (tensors, meta) for ``Store.cached``; ``path_from_tensors`` inverts it."""
+    removed, removed_ptr = _flat([m.removed for m in path.moves])
+    added, added_ptr = _flat([m.added for m in path.moves])
+    tensors = {
+        "n_latents": torch.as_tensor(path.n_latents),
+        "mse": torch.as_tensor(path.mse),
+        "l0": torch.as_tensor(path.l0),
+        "delta": torch.as_tensor(path.delta),
+        "violations": torch.as_tensor(path.violations, dtype=torch.long),
+        "kind": torch.tensor([_KINDS.index(m.kind) for m in path.moves], dtype=torch.long),
+        "removed": removed,
+        "removed_ptr": removed_ptr,
+        "added": added,
+        "added_ptr": added_ptr,
+        **{f"insertion.{k}": v for k, v in insertion_tensors(path.insertion).items()},
+    }
+    meta = {
+        "mse_small": path.mse_small,
+        "mse_large": path.mse_large,
+        "endpoint_error": path.endpoint_error,
+        "sizes": list(path.sizes),
+    }
+    return tensors, meta
+
+
+def path_from_tensors(t: dict[str, Tensor], meta: dict[str, Any]) -> StitchPath:
+    """The ``StitchPath`` that ``path_tensors`` stored."""
+
+    def group(name: str, m: int) -> tuple[int, ...]:
+        ptr = t[f"{name}_ptr"]
+        return tuple(t[name][int(ptr[m]) : int(ptr[m + 1])].tolist())
+
+    moves = tuple(Move(_KINDS[int(k)], group("removed", m), group("added", m)) for m, k in enumerate(t["kind"]))
+    insertion = insertion_from_tensors(
+        {k[len("insertion.") :]: v for k, v in t.items() if k.startswith("insertion.")}, meta
+    )
+    return StitchPath(
+        t["n_latents"].numpy(),
+        t["mse"].numpy(),
+        t["l0"].numpy(),
+        t["delta"].numpy(),
+        moves,
+        meta["mse_small"],
+        meta["mse_large"],
+        meta["endpoint_error"],
+        t["violations"].numpy(),
+        insertion,
+        tuple(meta["sizes"]),
     )

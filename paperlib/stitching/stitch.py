@@ -320,3 +320,21 @@ def stitch(
         (small if bias == "small" else large).b_dec,
         f"stitched SAE ({int(keep.sum())} small + {int(add.sum())} large latents)",
     )
+
+
+def insertion_tensors(ins: Insertion) -> dict[str, Tensor]:
+    """An ``Insertion``'s tensors for ``Store.cached`` (its two MSEs go in the meta)."""
+    return {"delta_mse": ins.delta_mse, "max_cos": ins.max_cos, "closest": ins.closest, "frequency": ins.frequency}
+
+
+def insertion_from_tensors(t: dict[str, Tensor], meta: dict) -> Insertion:
+    """The ``Insertion`` that ``insertion_tensors`` (and its meta) stored."""
+    return Insertion(t["delta_mse"], t["max_cos"], t["closest"], t["frequency"], meta["mse_small"], meta["mse_large"])
+
+
+def novel_fraction(ins: Insertion, *, alive: Tensor | None = None) -> float:
+    """Fraction of the large SAE's latents with ΔMSE < 0, over ``alive`` latents if given."""
+    mask = torch.ones_like(ins.novel) if alive is None else alive
+    if not mask.any():
+        return float("nan")
+    return float(ins.novel[mask].double().mean())
