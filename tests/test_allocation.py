@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from paperlib.metrics.allocation import capacity_exponent, capacity_exponent_interval, capacity_shares
+from paperlib.metrics.allocation import (
+    capacity_exponent,
+    capacity_exponent_interval,
+    capacity_shares,
+    group_allocation,
+    group_capacity,
+    nearest_groups,
+)
 
 P = np.arange(1, 11) ** -1.0 / np.sum(np.arange(1, 11) ** -1.0)  # ten Zipfian groups, beta = 1
 
@@ -80,3 +87,47 @@ def test_bad_counts_are_refused(counts, p, message):
 def test_bad_group_arrays_are_refused():
     with pytest.raises(ValueError, match=r"\[seeds, latents\]"):
         capacity_exponent_interval(np.zeros(5, dtype=int), P)
+
+
+def organism_atoms(n_atoms=12, d=20, n_groups=3, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = rng.standard_normal((n_atoms, d)).astype(np.float32)
+    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+    return truth, np.arange(n_atoms) % n_groups
+
+
+def test_nearest_groups_is_the_group_of_the_largest_cosine():
+    truth, group = organism_atoms()
+    W = np.random.default_rng(1).standard_normal((2, 30, 20)).astype(np.float32) * 3  # any row norms
+    found = nearest_groups(W, truth, group)
+    for s in range(2):
+        for j in range(30):  # by hand, in float64
+            w = W[s, j].astype(np.float64)
+            cosines = [w @ t / np.linalg.norm(w) for t in truth.astype(np.float64)]
+            assert found[s, j] == group[int(np.argmax(cosines))]
+    assert (group_capacity(found, 3) == [[np.sum(row == g) for g in range(3)] for row in found]).all()
+
+
+def test_group_allocation_of_a_perfect_recovery():
+    truth, group = organism_atoms()
+    perm = np.random.default_rng(2).permutation(12)
+    W = np.stack([truth[perm] * 2.0, truth[::-1].copy()])  # two seeds: the atoms, rescaled and reordered
+    found = group_allocation(W, truth, group, 3)
+    assert np.allclose(found.per_group, 1.0) and np.allclose(found.split, 1.0)
+    assert (found.capacity == 4).all() and found.nearest.shape == (2, 12)
+
+
+def test_group_allocation_matches_per_group_matching_by_hand():
+    from scipy.optimize import linear_sum_assignment
+
+    truth, group = organism_atoms(seed=3)
+    W = np.random.default_rng(4).standard_normal((1, 15, 20)).astype(np.float32)
+    found = group_allocation(W, truth, group, 3)
+    unit_w = W[0] / np.linalg.norm(W[0], axis=1, keepdims=True)
+    cos = truth @ unit_w.T  # signed cosine, atoms x latents
+    rows, cols = linear_sum_assignment(-cos)
+    for g in range(3):
+        sub = cos[group == g]
+        r, c = linear_sum_assignment(-sub)
+        assert found.per_group[0, g] == pytest.approx(sub[r, c].mean(), abs=1e-6)
+        assert found.split[0, g] == pytest.approx(cos[rows, cols][group[rows] == g].mean(), abs=1e-6)

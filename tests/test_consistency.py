@@ -247,3 +247,16 @@ def test_run_interval_stays_inside_the_range_of_an_mcc():
 def test_run_interval_needs_three_runs():
     with pytest.raises(ValueError, match="at least 3 runs"):
         run_interval(_pairwise({(0, 1): 0.5}))
+
+
+def test_mean_where_defined_skips_undefined_entries_without_a_warning():
+    import warnings
+
+    from paperlib.metrics.consistency import mean_where_defined
+
+    rows = np.array([[1.0, np.nan, np.nan, 2.0], [3.0, 5.0, np.nan, np.nan], [np.nan, 7.0, np.nan, 4.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's nanmean would warn on the all-NaN column
+        got = mean_where_defined(rows)
+    expected = [np.mean([v for v in col if not np.isnan(v)]) if (~np.isnan(col)).any() else np.nan for col in rows.T]
+    np.testing.assert_array_equal(got, expected)

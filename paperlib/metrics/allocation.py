@@ -16,10 +16,13 @@ seed-to-seed variation that a rerun on another machine (other rounding, hence an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import logsumexp
+
+from paperlib.metrics.consistency import match
 
 
 def capacity_shares(alpha: float, p: np.ndarray) -> np.ndarray:
@@ -79,3 +82,46 @@ def capacity_exponent_interval(
     tail = (1 - level) / 2
     low, high = np.quantile(estimates, [tail, 1 - tail], method="inverted_cdf")  # infinite estimates stay infinite
     return float(low), float(high)
+
+
+def nearest_groups(W, truth, group) -> np.ndarray:
+    """The group of each latent's nearest ground-truth atom (largest cosine): [..., latents] from
+    decoder rows ``W`` [..., latents, d], atoms ``truth`` [atoms, d] and each atom's ``group``."""
+    W, truth, group = np.asarray(W), np.asarray(truth), np.asarray(group)
+    return group[(unit_rows(W) @ unit_rows(truth).T).argmax(-1)]
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm (an all-zero row stays zero)."""
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True).clip(1e-12)
+
+
+def group_capacity(nearest: np.ndarray, n_groups: int) -> np.ndarray:
+    """Latents per group [seeds, groups] from ``nearest_groups`` [seeds, latents]."""
+    return np.stack([np.bincount(row, minlength=n_groups) for row in np.asarray(nearest)])
+
+
+@dataclass(frozen=True)
+class GroupAllocation:
+    """Per seed [S, groups]: MCC of each group's atoms against all latents (``per_group``), the mean
+    similarity of GT-MCC's matched pairs split by the atom's group (``split``, NaN for a group no pair
+    falls in) and latents per group (``capacity``); and each latent's group (``nearest`` [S, latents])."""
+
+    per_group: np.ndarray
+    split: np.ndarray
+    capacity: np.ndarray
+    nearest: np.ndarray
+
+
+def group_allocation(W_dec, truth, group, n_groups: int, *, signed: bool = True) -> GroupAllocation:
+    """How the SAEs ``W_dec`` [S, latents, d] of an organism with feature groups (atoms ``truth`` [atoms, d],
+    their ``group``) share out their latents and how well each group is recovered."""
+    truth, group = np.asarray(truth), np.asarray(group)
+    per_group, split = [], []
+    for W in W_dec:
+        per_group.append([match(truth[group == g], W, signed=signed).mcc for g in range(n_groups)])
+        m = match(truth, W, signed=signed)
+        of_pair = group[m.rows]
+        split.append([m.similarity[of_pair == g].mean() if (of_pair == g).any() else np.nan for g in range(n_groups)])
+    nearest = np.stack([nearest_groups(W, truth, group) for W in W_dec])
+    return GroupAllocation(np.array(per_group), np.array(split), group_capacity(nearest, n_groups), nearest)

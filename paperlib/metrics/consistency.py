@@ -289,6 +289,15 @@ def frequency_decomposition(result: MatchResult, freq_a, freq_b, edges) -> Frequ
     return FrequencyBins(edges, count, mean, total / len(result.similarity))
 
 
+def mean_where_defined(rows) -> np.ndarray:
+    """Column means of ``rows`` [R, C] over the rows where a value is defined; NaN, without numpy's
+    empty-slice warning, where none is (a frequency bin that no pair fills)."""
+    rows = np.asarray(rows, dtype=float)
+    defined = ~np.isnan(rows)
+    total = np.where(defined, rows, 0).sum(0)
+    return np.divide(total, defined.sum(0), out=np.full(rows.shape[1], np.nan), where=defined.any(0))
+
+
 @dataclass(frozen=True)
 class SharedLatents:
     """Paulo & Belrose's shared latents of A in B: ``shared[i]`` for A's latent ``rows[i]``."""
