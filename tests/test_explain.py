@@ -309,3 +309,19 @@ def test_spearman_test_matches_every_pairing_by_hand():
     assert np.isnan(spearman_test([1.0, 2.0], [2.0, 1.0]).rho)
     with pytest.raises(ValueError, match="same length"):
         spearman_test([1, 2, 3], [1, 2])
+
+
+def test_stratified_pairs_share_the_sample_evenly_over_the_bins():
+    from paperlib.explain.similarity import stratified_pairs
+
+    edges = np.array([0.0, 0.3, 0.6, 1.0])
+    cosine = np.concatenate([[0.1], np.full(10, 0.4), np.full(10, 0.8), [0.9]])  # pools of 1, 10 and 11 pairs
+    eligible = np.ones(len(cosine), dtype=bool)
+    eligible[-1] = False  # the last pair is left out: the top pool holds 10 eligible pairs
+    pick = stratified_pairs(cosine, eligible, edges, 9, np.random.default_rng(0))
+    assert len(set(pick.tolist())) == 9 and eligible[pick].all() and (np.diff(pick) > 0).all()
+    per_bin = np.bincount(np.searchsorted(edges, cosine[pick], side="right") - 1, minlength=3)
+    assert per_bin.tolist() == [1, 4, 4]  # the 1-pair bin gives its share to the others
+    assert stratified_pairs(cosine, eligible, edges, None, np.random.default_rng(0)).tolist() == list(range(21))
+    with pytest.raises(ValueError, match="one shape"):
+        stratified_pairs(cosine, eligible[:-1], edges, 3, np.random.default_rng(0))

@@ -51,6 +51,7 @@ from paperlib.explain.similarity import (
     bin_scores,
     parse_score,
     random_pairs,
+    stratified_pairs,
     spearman,
 )
 
@@ -88,5 +89,6 @@ __all__ = [
     "bin_scores",
     "parse_score",
     "random_pairs",
+    "stratified_pairs",
     "spearman",
 ]

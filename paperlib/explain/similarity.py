@@ -332,3 +332,25 @@ def random_pairs(n: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     i = rng.integers(0, n, n_pairs)
     j = (i + rng.integers(1, n, n_pairs)) % n  # never i
     return i, j
+
+
+def stratified_pairs(cosine, eligible, edges, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``eligible`` matched pairs, at most ``n``, spread as evenly as the pools allow over
+    the cosine bins ``edges`` (paper A's explanation figure), so that rare high- or low-cosine bins
+    get pairs too; ``n=None`` takes every eligible pair. A bin with fewer pairs than its share gives
+    the rest to the larger bins (smallest pool first)."""
+    cosine, eligible, edges = np.asarray(cosine), np.asarray(eligible, dtype=bool), np.asarray(edges)
+    if cosine.shape != eligible.shape or edges.ndim != 1 or len(edges) < 2:
+        raise ValueError(
+            f"stratified_pairs needs cosine and eligible of one shape and at least two edges, got "
+            f"{cosine.shape}, {eligible.shape} and {edges.shape}"
+        )
+    which = np.clip(np.searchsorted(edges, cosine, side="right") - 1, 0, len(edges) - 2)
+    pools = [np.flatnonzero(eligible & (which == b)) for b in range(len(edges) - 1)]
+    if n is None:
+        return np.sort(np.concatenate(pools))
+    take, left = {}, n
+    for rank, b in enumerate(sorted(range(len(pools)), key=lambda b: len(pools[b]))):  # smallest pool first
+        take[b] = min(len(pools[b]), left // (len(pools) - rank))
+        left -= take[b]
+    return np.sort(np.concatenate([rng.choice(pools[b], take[b], replace=False) for b in range(len(pools))]))
