@@ -39,6 +39,19 @@ def config(architecture: str) -> SAEConfig:
     return SAEConfig(architecture, d_model=8, n_latents=32, n_seeds=2, **ARCHITECTURES[architecture])
 
 
+def assert_same_state(banks: dict[str, SAEBank], label: str) -> None:
+    """Every parameter and buffer of the CUDA bank equals the CPU bank's up to float rounding."""
+    for name, value in banks["cpu"].state_dict().items():
+        torch.testing.assert_close(
+            banks["cuda"].state_dict()[name].cpu(),
+            value,
+            rtol=1e-4,
+            atol=1e-5,
+            equal_nan=True,
+            msg=lambda m, name=name: f"{label} {name}: {m}",
+        )
+
+
 def test_every_zoo_architecture_has_a_config_here():
     from paperlib.sae.architectures import ARCHITECTURES as ZOO
 
@@ -100,15 +113,7 @@ def test_training_on_cuda_matches_the_cpu(architecture):
     banks = {dev: SAEBank(config(architecture)) for dev in ("cpu", "cuda")}
     histories = {dev: train(bank, data(), schedule(), progress=False, device=dev) for dev, bank in banks.items()}
     assert banks["cuda"].W_dec.device.type == "cuda"
-    for name, value in banks["cpu"].state_dict().items():
-        torch.testing.assert_close(
-            banks["cuda"].state_dict()[name].cpu(),
-            value,
-            rtol=1e-4,
-            atol=1e-5,
-            equal_nan=True,
-            msg=lambda m, name=name: f"{architecture} {name}: {m}",
-        )
+    assert_same_state(banks, architecture)
     torch.testing.assert_close(
         torch.as_tensor(histories["cuda"]["fvu"]), torch.as_tensor(histories["cpu"]["fvu"]), rtol=1e-4, atol=1e-6
     )
@@ -155,12 +160,4 @@ def test_the_sparse_topk_step_on_cuda_matches_the_cpu():
     banks = {dev: SAEBank(sae) for dev in ("cpu", "cuda")}
     for dev, bank in banks.items():
         train(bank, data(512, 16), schedule(), progress=False, device=dev)
-    for name, value in banks["cpu"].state_dict().items():
-        torch.testing.assert_close(
-            banks["cuda"].state_dict()[name].cpu(),
-            value,
-            rtol=1e-4,
-            atol=1e-5,
-            equal_nan=True,
-            msg=lambda m, name=name: f"{name}: {m}",
-        )
+    assert_same_state(banks, "topk (sparse)")
