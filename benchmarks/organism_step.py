@@ -15,14 +15,15 @@ Shapes: notebook 01's (d=16, n=32, 50,000 rows full-batch, 5 seeds; ReLU and Top
 notebook 02's (d=20, n=40, batches of 512, 3 seeds, TopK k=8). Peers are compared at LLM sizes in
 ``train_throughput.py``.
 
-Under load (``--load``, on by default): each fused step (the three shapes above, through
-``fused_step.cpp``, and notebook 06's sparse TopK step, d=576, n=1152, k=32, batches of 1,024,
-3 seeds, whose tail runs in ``fused_sparse.cpp``) is run for a few seconds on the quiet machine and
-again beside a busy loop this script starts and stops itself (one process spinning on one core), with
-thread counts chosen by measurement as ``train()`` chooses them (``paperlib.sae.kernels.fused``: the whole step's
-for the small fused SAEs, the sparse kernel's alone for the LLM-sized one, whose GEMMs must keep their
-thread count) and pinned to torch's full thread count (what training did before). Reported: steps/s beside the
-busy loop as a fraction of quiet steps/s. On 2 cores a fair share is 50 %; the target is >= 40 %.
+Under load (``--load-seconds``, 4 by default; 0 skips it): each step above, notebook 05's matched-organism
+steps (most of them on the torch path) and notebook 06's sparse TopK step (d=576, n=1152, k=32, batches of
+1,024, 3 seeds, whose tail runs in ``fused_sparse.cpp``), each a whole training step with Adam as
+``train()`` runs it, is run for a few seconds on the quiet machine, then beside a busy loop this script
+starts and stops itself (one process spinning on one core), then beside a copy of itself (a second
+process training the same shape, as two notebooks run side by side). Once with thread counts measured as
+``train()`` measures them (``paperlib.sae.threads.MeasuredStep``), once pinned to torch's full thread
+count (what training did before). Reported: steps/s under load as a fraction of quiet steps/s. On 2
+cores a fair share is 50 %; the target is >= 40 %.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import _git_commit, _load, _machine, _matmul_gflops, _write  # noqa: E402
 
 from paperlib.sae.bank import SAEBank, SAEConfig  # noqa: E402
-from paperlib.sae.kernels import fused  # noqa: E402
-from paperlib.sae.kernels.dispatch import fused_whole_step  # noqa: E402
-from paperlib.sae.train import TrainConfig, train  # noqa: E402
+from paperlib.sae.threads import MeasuredStep, ThreadChooser  # noqa: E402
+from paperlib.sae.train import TrainConfig, _step, train  # noqa: E402
+from paperlib.sae.zoo_presets import mean_sq_norm, zoo_config  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "organism_step.json"
 SHAPES = [  # (label, architecture, d, n, k, rows per step, seeds)
@@ -94,11 +95,40 @@ def _measure(
     return out
 
 
-LOAD_SHAPES = [*SHAPES, ("06 sparse TopK", "topk", 576, 1152, 32, 1024, 3)]
+# (label, architecture, d, n, k, rows per step, seeds): notebook 05's matched organism trains every zoo
+# architecture, most of them on the torch path, at its preset configuration (paperlib.sae.zoo_presets).
+LOAD_SHAPES = [
+    *SHAPES,
+    ("05 ReLU/dnorm", "relu_dnorm", 16, 32, None, 1024, 5),
+    ("05 BatchTopK", "batchtopk", 16, 32, 3, 1024, 5),
+    ("05 Gated", "gated", 16, 32, None, 1024, 5),
+    ("05 Matryoshka", "matryoshka", 16, 32, 3, 1024, 5),
+    ("06 sparse TopK", "topk", 576, 1152, 32, 1024, 3),
+]
+COMPETITORS = ("busy loop", "copy of itself")
+
+
+def _load_step(label: str):
+    """One training step of ``label``'s shape as ``train()`` runs it (Adam, thread count measured where a
+    probe allows: ``paperlib.sae.threads.MeasuredStep``), as a function of nothing."""
+    _, architecture, d, n, k, rows, seeds = next(shape for shape in LOAD_SHAPES if shape[0] == label)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=gen).abs() * (torch.rand(rows, d, generator=gen) < 0.2)
+    if label.startswith("05"):
+        config = zoo_config(
+            architecture, d_model=d, n_latents=n, sparsity=k or 3, data_scale=mean_sq_norm(x), n_seeds=seeds
+        )
+    else:
+        config = SAEConfig(architecture, d, n, k=k, l1_coeff=1e-2 if architecture == "relu" else 0.0, n_seeds=seeds)
+    bank, schedule, measured = SAEBank(config), TrainConfig(steps=10**9, lr=1e-4), MeasuredStep()
+    optimizer = torch.optim.Adam(bank.parameters(), lr=schedule.lr, foreach=True)
+    counter = iter(range(1, 10**9))
+    return lambda: measured.run((rows, bank.closed_form_now()), _step, bank, optimizer, x, schedule, next(counter))
 
 
 def _steps_per_second(step, seconds: float) -> float:
     step()
+    step()  # the probe and first-call costs outside the timing
     start, count = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         step()
@@ -106,44 +136,41 @@ def _steps_per_second(step, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _under_load(architecture: str, d: int, n: int, k: int | None, rows: int, seeds: int, seconds: float) -> dict:
-    """Quiet steps/s and steps/s beside one busy process, with chosen and with pinned thread counts."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, d, generator=gen).abs() * (torch.rand(rows, d, generator=gen) < 0.2)
-    bank = SAEBank(SAEConfig(architecture, d, n, k=k, l1_coeff=1e-2 if architecture == "relu" else 0.0, n_seeds=seeds))
-    whole_step = fused_whole_step(
-        bank.cfg, x, "fp32"
-    )  # train() then picks the whole step's thread count, else the kernel's
+def _pin_threads() -> None:
+    """Every step at torch's full thread count, as training ran before thread counts were measured."""
+    ThreadChooser.pick = lambda self: torch.get_num_threads()
 
-    def step() -> None:
-        if whole_step:
-            with fused.step_threads("benchmark"):
-                bank.loss_and_grads(x, rows)
-        else:
-            bank.loss_and_grads(x, rows)
 
-    pinned = fused.ThreadChooser.pick
-    out = {"whole_step_chosen": whole_step}
+def _competitor(kind: str, label: str, policy: str) -> subprocess.Popen:
+    if kind == "busy loop":
+        return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # the same training in a second process, as when two notebooks run side by side
+    return subprocess.Popen([sys.executable, __file__, "--rival", label, *(["--pinned"] if policy == "pinned" else [])])
+
+
+def _under_load(label: str, seconds: float) -> dict:
+    """Quiet steps/s and steps/s beside each competitor, with measured and with pinned thread counts."""
+    out = {}
+    chosen = ThreadChooser.pick
     for policy in ("chosen", "pinned"):
         if policy == "pinned":
-            fused.ThreadChooser.pick = lambda self: torch.get_num_threads()
-        fused._choosers.clear()
+            _pin_threads()
         try:
+            step = _load_step(label)
             quiet = _steps_per_second(step, seconds)
-            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            try:
-                time.sleep(0.2)
-                loaded = _steps_per_second(step, seconds)
-            finally:
-                busy.kill()
-                busy.wait()
+            result = {"quiet_steps_per_s": round(quiet, 1)}
+            for kind in COMPETITORS:
+                rival = _competitor(kind, label, policy)
+                try:
+                    time.sleep(3.0 if kind == "copy of itself" else 0.2)  # the copy imports torch and warms up
+                    loaded = _steps_per_second(step, seconds)
+                finally:
+                    rival.kill()
+                    rival.wait()
+                result[kind] = {"steps_per_s": round(loaded, 1), "fraction_of_quiet": round(loaded / quiet, 3)}
         finally:
-            fused.ThreadChooser.pick = pinned
-        out[policy] = {
-            "quiet_steps_per_s": round(quiet, 1),
-            "loaded_steps_per_s": round(loaded, 1),
-            "loaded_fraction": round(loaded / quiet, 3),
-        }
+            ThreadChooser.pick = chosen
+        out[policy] = result
     return out
 
 
@@ -153,7 +180,15 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--load-seconds", type=float, default=4.0, help="seconds per quiet / loaded timing (0: skip)")
+    parser.add_argument("--rival", choices=[shape[0] for shape in LOAD_SHAPES], help=argparse.SUPPRESS)
+    parser.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rival:  # a competitor of _under_load: train until killed
+        if args.pinned:
+            _pin_threads()
+        step = _load_step(args.rival)
+        while True:
+            step()
     result = {"machine": _machine(), "commit": _git_commit(), "loadavg_before": _load(), "shapes": {}}
     rates = result["machine"]["matmul_gflops"]
     rates["2048^3"] = round(_matmul_gflops(2048, 2048, reps=5, rows=2048), 1)
@@ -179,11 +214,13 @@ def main() -> None:
         _write(args.out, result)
     if args.load_seconds > 0:
         result["under_load"] = {}
-        for label, architecture, d, n, k, rows, seeds in LOAD_SHAPES:
-            m = result["under_load"][label] = _under_load(architecture, d, n, k, rows, seeds, args.load_seconds)
+        for label, *_ in LOAD_SHAPES:
+            m = result["under_load"][label] = _under_load(label, args.load_seconds)
             print(
-                f"{label} beside a busy process: {m['chosen']['loaded_fraction']:.0%} of quiet steps/s with chosen "
-                f"thread counts, {m['pinned']['loaded_fraction']:.0%} pinned to {torch.get_num_threads()}"
+                f"{label}: of quiet steps/s, measured thread counts keep "
+                + ", ".join(f"{m['chosen'][kind]['fraction_of_quiet']:.0%} beside a {kind}" for kind in COMPETITORS)
+                + f"; pinned to {torch.get_num_threads()}: "
+                + ", ".join(f"{m['pinned'][kind]['fraction_of_quiet']:.0%}" for kind in COMPETITORS)
             )
             _write(args.out, result)
     result["loadavg_after"] = _load()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae import threads as thread_choice
 from paperlib.sae.kernels import fused
 from paperlib.sae.kernels.dispatch import kernel_for
 from paperlib.sae.train import TrainConfig, train
@@ -102,7 +103,7 @@ def test_sparse_tail_does_not_depend_on_the_thread_count(threads):
         torch.set_num_threads(1)
         one, one_parts = bank.loss_and_grads(x, n_rows=500, sparse=True)
         torch.set_num_threads(threads)
-        fused._choosers.clear()  # a fresh chooser's first call runs at the full thread count
+        thread_choice._kernel_choosers.clear()  # a fresh chooser's first call runs at the full thread count
         many, many_parts = bank.loss_and_grads(x, n_rows=500, sparse=True)
     finally:
         torch.set_num_threads(before)
@@ -133,7 +134,7 @@ def test_result_does_not_depend_on_the_thread_count(monkeypatch):
         torch.set_num_threads(1)
         one, _ = bank.loss_and_grads(x, n_rows=x.shape[0])
         torch.set_num_threads(max(2, threads))
-        fused._choosers.clear()  # a fresh chooser's first call runs at the full thread count
+        thread_choice._kernel_choosers.clear()  # a fresh chooser's first call runs at the full thread count
         many, _ = bank.loss_and_grads(x, n_rows=x.shape[0])
     finally:
         torch.set_num_threads(threads)
@@ -204,46 +205,10 @@ def test_a_compiled_kernel_is_reused_from_the_cache(monkeypatch, tmp_path):
     assert fused._build("fused_step", {"d": 4, "n": 6, "k": 2}) != first
 
 
-def test_thread_chooser_runs_the_faster_count_and_notices_a_change(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    chooser = fused.ThreadChooser(explore_every=10, smoothing=1.0)
-    assert chooser.candidates() == [4, 2, 1]
-    seconds = {4: 1.0, 2: 1.05, 1: 3.0}  # quiet machine: more threads, a little faster (within the margin)
-    picked = []
-    for _ in range(40):
-        threads = chooser.pick()
-        picked.append(threads)
-        chooser.record(threads, seconds[threads])
-    assert picked[:3] == [4, 2, 1] and picked.count(4) >= 34  # every candidate once, then mostly the fastest
-    seconds = {4: 9.0, 2: 1.5, 1: 3.0}  # another process takes cores: 4 threads collapse
-    for _ in range(40):
-        threads = chooser.pick()
-        picked.append(threads)
-        chooser.record(threads, seconds[threads])
-    assert picked[-20:].count(2) >= 18
-
-
-def test_thread_chooser_keeps_its_count_against_a_rival_within_the_margin(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    chooser = fused.ThreadChooser(explore_every=50, smoothing=1.0, margin=0.1)
-    for threads, seconds in ((2, 1.0), (1, 0.95)):  # one thread 5 % faster: noise, not a reason to switch
-        assert chooser.pick() == threads
-        chooser.record(threads, seconds)
-    assert [chooser.pick() for _ in range(3)] == [2, 2, 2]
-    chooser.record(1, 0.8)  # 20 % faster: switch
-    assert chooser.pick() == 1
-
-
-def test_thread_chooser_times_real_calls():
-    chooser, seen = fused.ThreadChooser(), []
-    chooser.run(seen.append)
-    assert seen == [torch.get_num_threads()] and chooser.seconds[seen[0]] >= 0
-
-
 @pytest.mark.parametrize("architecture, k", [("relu", None), ("topk", 3)])
 def test_training_at_changing_thread_counts_gives_the_same_bits(monkeypatch, architecture, k):
-    """train() picks each fused step's thread count by timing (fused.step_threads); since every number of
-    such a step is thread-count independent, a run whose count changes every step equals one at one thread."""
+    """train() picks each step's thread count by timing (paperlib.sae.threads); since every number of a
+    fused step is thread-count independent, a run whose count changes every step equals one at one thread."""
     x = torch.randn(700, 16, generator=torch.Generator().manual_seed(3)).abs()
     cfg = SAEConfig(architecture, 16, 32, k=k, l1_coeff=1e-2, n_seeds=2, seed=4)
     schedule = TrainConfig(steps=30, lr=3e-3, batch_size=256, log_every=30)
@@ -251,16 +216,18 @@ def test_training_at_changing_thread_counts_gives_the_same_bits(monkeypatch, arc
     picks = []
     try:
         torch.set_num_threads(1)
-        fused._choosers.clear()
+        thread_choice._kernel_choosers.clear()
         steady = SAEBank(cfg)
         train(steady, x, schedule, progress=False)
         torch.set_num_threads(2)
-        monkeypatch.setattr(fused.ThreadChooser, "pick", lambda self: picks.append(1 + len(picks) % 2) or picks[-1])
+        monkeypatch.setattr(
+            thread_choice.ThreadChooser, "pick", lambda self: picks.append(1 + len(picks) % 2) or picks[-1]
+        )
         switching = SAEBank(cfg)
         train(switching, x, schedule, progress=False)
     finally:
         torch.set_num_threads(before)
-        fused._choosers.clear()
+        thread_choice._kernel_choosers.clear()
     assert len(picks) >= schedule.steps and set(picks) == {1, 2}  # every step, at one and two threads
     for name, value in steady.state_dict().items():  # bitwise (an unused threshold is NaN in both)
         torch.testing.assert_close(value, switching.state_dict()[name], rtol=0, atol=0, equal_nan=True, msg=name)

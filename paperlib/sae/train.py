@@ -11,6 +11,8 @@ resumed run sees exactly the batches an uninterrupted one would. Each step:
 * ``decoder="unit"``: the decoder gradient's component along each row is removed before the Adam
   step and rows are renormalised after it;
 * dead-latent tracking (tokens since each latent fired), which AuxK uses;
+* on the CPU, the thread count measured fastest for that kind of step, where a probe shows the count
+  changes no bit (``paperlib.sae.threads.MeasuredStep``), so a busy machine does not stall short steps;
 * ``precision``: ``"bf16"`` autocasts the step's matmuls to bfloat16 (fp32 weights, Adam state and
   losses; see ``paperlib.runtime``), ``"auto"`` (default) does so on CUDA only. Evaluation and
   logged metrics are always fp32.
@@ -44,7 +46,6 @@ fields of the wrong type (``True`` for an integer, a string for a number).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import warnings
@@ -63,8 +64,7 @@ from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.checks import is_int, is_real
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_device, resolve_precision
 from paperlib.sae.bank import SAEBank
-from paperlib.sae.kernels import fused
-from paperlib.sae.kernels.dispatch import fused_whole_step
+from paperlib.sae.threads import MeasuredStep
 from paperlib.store import jsonable
 
 Callback = Callable[[SAEBank], "float | np.ndarray | Tensor"]
@@ -325,10 +325,9 @@ def train(
         record(0)
         if 0 in checkpoints:
             checkpoint(0)
-    # Small SAEs on the fused path: every number of their step is thread-count independent, so the
-    # step runs at whichever thread count is measured fastest (paperlib.sae.kernels.fused.step_threads).
-    fused_step = fused_whole_step(bank.cfg, x, cfg.precision)
-    step_key = f"train_{bank.cfg.architecture}_{bank.n_seeds}_{bank.cfg.d_model}_{bank.cfg.n_latents}_{cfg.batch_size}"
+    # On the CPU each kind of step runs at the thread count measured fastest, where a probe shows the
+    # count changes no number (paperlib.sae.threads): a busy machine otherwise stalls short steps.
+    measured = MeasuredStep(enabled=x.device.type == "cpu")
     for step in tqdm(
         range(start + 1, cfg.steps + 1),
         disable=not progress,
@@ -339,8 +338,7 @@ def train(
     ):
         rows = _batch_rows(step, x.shape[0], cfg)
         batch = x if rows is None else x[rows.to(x.device)]
-        with fused.step_threads(step_key) if fused_step else contextlib.nullcontext():
-            _step(bank, optimizer, batch, cfg, step)
+        measured.run((batch.shape[0], bank.closed_form_now()), _step, bank, optimizer, batch, cfg, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record(step)
         if step in checkpoints:

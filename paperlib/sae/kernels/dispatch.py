@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
-from paperlib.runtime import resolve_precision
 from paperlib.sae.kernels import fused
 from paperlib.sae.kernels.dense import dense_grads
 from paperlib.sae.kernels.params import Gradients, Params
@@ -61,12 +60,4 @@ def closed_form_grads(
     found = fused.fused_grads(params, x, cfg.k, n_rows, l1_coeff, dims) if kernel == "fused" else None
     return (
         found if found is not None else dense_grads(params, x, cfg.arch, cfg.k or 0, n_rows, l1_coeff, dims, chunk_size)
-    )
-
-
-def fused_whole_step(cfg: SAEConfig, x: Tensor, precision: str) -> bool:
-    """Whether ``train``'s steps on ``x`` run entirely in the fused kernel (fp32 matmuls, no AuxK), so
-    that their thread count may be chosen by timing (``fused.step_threads``)."""
-    return fused.applies(x, cfg.architecture, cfg.d_model, cfg.n_latents, cfg.k) and (
-        resolve_precision(precision, x.device) == "fp32" and not cfg.aux_coeff
     )

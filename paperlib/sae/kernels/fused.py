@@ -20,25 +20,19 @@ source, the flags and the CPU's instruction sets. Without a working compiler, or
 ``PAPERLIB_FUSED=0``, or outside their domain (CPU, fp32; for ``fused_step`` also no bf16 autocast,
 d·n <= ``MAX_WEIGHTS``, k <= ``MAX_K``), training uses the torch paths; a failed compilation warns once.
 
-Thread counts are chosen by measurement (``ThreadChooser``). An OpenMP region ends in a barrier that
-waits for its slowest thread; when another process holds one of two cores, one of our two threads
-waits a whole scheduler slice for its turn, and a 0.2 ms step took 3-16x longer (measured). Each
-kernel therefore times its calls at the full thread count and at fewer, and runs at the faster;
-since its results do not depend on the thread count, switching never changes a number.
+Each kernel runs at the thread count measured fastest (``paperlib.sae.threads``): since its results do
+not depend on the thread count, switching never changes a number.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import subprocess
 import tempfile
-import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 import torch
 from torch import Tensor
@@ -46,6 +40,7 @@ from torch import Tensor
 from paperlib._stack import user_stacklevel
 from paperlib.runtime import cpu_signature
 from paperlib.sae.kernels.params import Gradients, Params
+from paperlib.sae.threads import kernel_chooser
 from paperlib.store import default_root
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -81,7 +76,7 @@ def fused_grads(params: Params, x: Tensor, k: int | None, n_rows: int, l1_coeff:
     x = x.contiguous()
     weights = [p.detach().contiguous() for p in (params.W_enc, params.b_enc, params.W_dec, params.b_dec)]
     out = torch.empty(S, library.partial_floats())
-    _threads_for(f"fused_step_{S}_{d}_{n}_{k or 0}_{x.shape[0]}").run(
+    kernel_chooser(f"fused_step_{S}_{d}_{n}_{k or 0}_{x.shape[0]}").run(
         lambda threads: library.fused_step(
             _ptr(x),
             ctypes.c_long(x.shape[0]),
@@ -133,7 +128,7 @@ def sparse_tail(
     idx = idx.to(torch.int64).contiguous()
     g, d_val, sq_err = torch.empty(rows, d), torch.empty(rows, k), torch.empty(rows)
     d_b_dec, sums = torch.empty(d), torch.empty(3, dtype=torch.float64)
-    _threads_for(f"sparse_tail_{rows}_{d}_{n}_{k}").run(
+    kernel_chooser(f"sparse_tail_{rows}_{d}_{n}_{k}").run(
         lambda threads: library.sparse_tail(
             _ptr(x),
             _ptr(b_dec),
@@ -159,77 +154,6 @@ def sparse_tail(
         )
     )
     return d_b_dec, sums.float()
-
-
-class ThreadChooser:
-    """The thread count of one kernel's (or step's) calls: each candidate (torch's thread count, halved
-    down to one) is timed, an exponential average of its seconds per call is kept, and the current
-    count is left only for one at least ``margin`` faster (timings of sub-millisecond calls are noisy);
-    every ``explore_every`` calls another candidate is tried once, so a change of load is noticed."""
-
-    def __init__(self, explore_every: int = 64, smoothing: float = 0.25, margin: float = 0.1) -> None:
-        self.explore_every, self.smoothing, self.margin = explore_every, smoothing, margin
-        self.seconds: dict[int, float] = {}
-        self.current: int | None = None
-        self.calls = 0
-
-    def candidates(self) -> list[int]:
-        most, counts = torch.get_num_threads(), []
-        while most >= 1:
-            counts.append(most)
-            most //= 2
-        return counts
-
-    def pick(self) -> int:
-        candidates = self.candidates()
-        self.calls += 1
-        untried = [t for t in candidates if t not in self.seconds]
-        if untried:
-            return untried[0]
-        if self.current not in candidates:
-            self.current = candidates[0]
-        best = min(candidates, key=self.seconds.__getitem__)
-        if self.seconds[best] < (1 - self.margin) * self.seconds[self.current]:
-            self.current = best
-        if len(candidates) > 1 and self.calls % self.explore_every == 0:
-            others = [t for t in candidates if t != self.current]
-            return others[(self.calls // self.explore_every) % len(others)]
-        return self.current
-
-    def record(self, threads: int, seconds: float) -> None:
-        old = self.seconds.get(threads)
-        self.seconds[threads] = seconds if old is None else old + self.smoothing * (seconds - old)
-
-    def run(self, call) -> None:
-        """``call(threads)`` at the chosen thread count, timed."""
-        threads = self.pick()
-        start = time.perf_counter()
-        call(threads)
-        self.record(threads, time.perf_counter() - start)
-
-
-_choosers: dict[str, ThreadChooser] = {}
-
-
-def _threads_for(kernel: str) -> ThreadChooser:
-    return _choosers.setdefault(kernel, ThreadChooser())
-
-
-@contextlib.contextmanager
-def step_threads(key: str) -> Iterator[None]:
-    """Run a whole training step at a measured thread count (torch's and the kernels'). For small
-    SAEs on the fused path every number of the step is thread-count independent (tested), and the
-    step is so short that torch's own parallel regions collapse beside a busy process: notebook
-    02's 0.26 ms step kept 9 % of its speed at two threads and 99 % at one (measured)."""
-    chooser, before = _threads_for(key), torch.get_num_threads()
-    threads = chooser.pick()
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        chooser.record(threads, time.perf_counter() - start)
-        torch.set_num_threads(before)
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
