@@ -215,3 +215,17 @@ def test_foreach_adam_updates_bitwise_like_the_per_tensor_loop():
             optimizers[impl].param_groups[0]["lr"] = 1e-3 / (step + 1)
             optimizers[impl].step()
     assert all(torch.equal(p, q) for p, q in zip(params[False], params[True]))
+
+
+def test_mini_batches_cover_each_epoch_once_whatever_order_they_are_asked_in():
+    from paperlib.sae.train import _batch_rows
+
+    cfg = TrainConfig(steps=20, batch_size=10, seed=7)
+    in_order = [_batch_rows(step, 45, cfg) for step in range(1, 13)]  # 4 batches per epoch, 5 rows left out
+    shuffled = {step: _batch_rows(step, 45, cfg) for step in (12, 1, 9, 5, 2, 11, 3, 4, 6, 10, 7, 8)}
+    for step, rows in enumerate(in_order, start=1):
+        assert torch.equal(rows, shuffled[step])  # stateless: a resumed run sees the same batches
+    for epoch in range(3):
+        rows = torch.cat(in_order[4 * epoch : 4 * epoch + 4])
+        assert len(set(rows.tolist())) == 40 and rows.max() < 45  # each row at most once per epoch
+    assert not torch.equal(torch.cat(in_order[:4]), torch.cat(in_order[4:8]))  # a new permutation each epoch

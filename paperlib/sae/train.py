@@ -46,6 +46,7 @@ fields of the wrong type (``True`` for an integer, a string for a number).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import warnings
@@ -233,8 +234,15 @@ def _batch_rows(step: int, n_rows: int, cfg: TrainConfig) -> Tensor | None:
         return None
     per_epoch = n_rows // cfg.batch_size
     epoch, position = divmod(step - 1, per_epoch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-    return order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+    return _epoch_order(n_rows, cfg.seed * 1_000_003 + epoch)[
+        position * cfg.batch_size : (position + 1) * cfg.batch_size
+    ]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_rows: int, seed: int) -> Tensor:
+    """One epoch's permutation of the rows, drawn once per epoch instead of once per step."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
 
 
 def geometric_median(x: Tensor, iterations: int = 100, tol: float = 1e-7) -> Tensor:
@@ -337,8 +345,9 @@ def train(
         total=cfg.steps,
     ):
         rows = _batch_rows(step, x.shape[0], cfg)
-        batch = x if rows is None else x[rows.to(x.device)]
-        measured.run((batch.shape[0], bank.closed_form_now()), _step, bank, optimizer, batch, cfg, step)
+        measured.run(
+            (len(x) if rows is None else len(rows), bank.closed_form_now()), _step, bank, optimizer, x, rows, cfg, step
+        )
         if step % cfg.log_every == 0 or step == cfg.steps:
             record(step)
         if step in checkpoints:
@@ -370,7 +379,12 @@ def _warn_if_diverged(history: History, bank: SAEBank, cfg: TrainConfig) -> None
         )
 
 
-def _step(bank: SAEBank, optimizer: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, step: int) -> None:
+def _step(
+    bank: SAEBank, optimizer: torch.optim.Optimizer, x: Tensor, rows: Tensor | None, cfg: TrainConfig, step: int
+) -> None:
+    """One step on the batch ``x[rows]`` (all of ``x`` when ``rows`` is None), gathered here so that it runs
+    at the step's measured thread count too."""
+    batch = x if rows is None else x[rows.to(x.device)]
     bank.cfg.arch.at_step(bank, step, cfg.steps)  # progress-dependent state (P-anneal's p); else a no-op
     sparsity = cfg.sparsity_scale_at(step)
     optimizer.zero_grad(set_to_none=True)
