@@ -11,6 +11,7 @@ from paperlib.metrics.allocation import (
     capacity_shares,
     group_allocation,
     group_capacity,
+    group_coverage,
     nearest_groups,
 )
 
@@ -131,3 +132,21 @@ def test_group_allocation_matches_per_group_matching_by_hand():
         r, c = linear_sum_assignment(-sub)
         assert found.per_group[0, g] == pytest.approx(sub[r, c].mean(), abs=1e-6)
         assert found.split[0, g] == pytest.approx(cos[rows, cols][group[rows] == g].mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_group_coverage_matches_best_cosines_by_hand(signed):
+    truth, group = organism_atoms(seed=5)
+    W = np.random.default_rng(6).standard_normal((2, 15, 20)) * 2  # any row norms
+    W[1, :4] = -truth[:4]  # seed 1 has four atoms' negatives: clean only under |cosine|
+    found = group_coverage(W, truth, group, 3, clean_cosine=0.9, signed=signed)
+    for s in range(2):
+        cos = (truth / np.linalg.norm(truth, axis=1, keepdims=True)) @ (
+            W[s] / np.linalg.norm(W[s], axis=1, keepdims=True)
+        ).T
+        cos = cos if signed else np.abs(cos)
+        for g in range(3):  # by hand, in float64
+            assert found.coverage[s, g] == pytest.approx(cos.max(1)[group == g].mean(), abs=1e-6)  # float32 atoms
+            owners = group[cos.argmax(0)][cos.max(0) >= 0.9]
+            assert found.clean[s, g] == np.sum(owners == g)
+    assert found.clean[1].sum() == (0 if signed else 4)

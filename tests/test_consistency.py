@@ -260,3 +260,11 @@ def test_mean_where_defined_skips_undefined_entries_without_a_warning():
         got = mean_where_defined(rows)
     expected = [np.mean([v for v in col if not np.isnan(v)]) if (~np.isnan(col)).any() else np.nan for col in rows.T]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_rescaling_by_the_chance_level_puts_chance_at_zero_and_a_perfect_match_at_one():
+    from paperlib.metrics.consistency import chance_mcc
+
+    level = chance_mcc(8, 8, 4, n_samples=5)
+    assert 0 < level.mean < 1
+    np.testing.assert_allclose(level.rescale([level.mean, 1.0, (1 + level.mean) / 2]), [0.0, 1.0, 0.5], atol=1e-12)

@@ -57,6 +57,9 @@ def test_firing_rates_count_the_rows_each_latent_fires_on():
     expected = (bank.encode(x) > 0).float().mean(1)
     torch.testing.assert_close(rates, expected)
     torch.testing.assert_close(rates.sum(1), torch.full((2,), 3.0))  # exactly k latents per row
+    exact = firing_rates(bank, x, chunk_size=100, dtype=torch.float64)
+    counts = (bank.encode(x) > 0).sum(1)  # integers: count / rows is one correctly rounded division
+    assert exact.dtype == torch.float64 and torch.equal(exact, counts.double() / x.shape[0])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,4 +1,5 @@
-"""How an SAE shares its latents among feature groups of different frequency: the capacity exponent.
+"""How an SAE shares its latents among feature groups of different frequency: the capacity exponent,
+and how well each group is represented (``group_allocation``, ``group_coverage``).
 
 Paper A reports that TopK gives a group of features a number of latents proportional to p^alpha,
 p the group's firing probability (alpha ~ 1.4). Fitting a line to log(latents per group) over the
@@ -19,10 +20,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.optimize import brentq
 from scipy.special import logsumexp
 
-from paperlib.metrics.consistency import match
+from paperlib.metrics.consistency import as_dictionary, match
 
 
 def capacity_shares(alpha: float, p: np.ndarray) -> np.ndarray:
@@ -125,3 +127,30 @@ def group_allocation(W_dec, truth, group, n_groups: int, *, signed: bool = True)
         split.append([m.similarity[of_pair == g].mean() if (of_pair == g).any() else np.nan for g in range(n_groups)])
     nearest = np.stack([nearest_groups(W, truth, group) for W in W_dec])
     return GroupAllocation(np.array(per_group), np.array(split), group_capacity(nearest, n_groups), nearest)
+
+
+@dataclass(frozen=True)
+class GroupCoverage:
+    """Per seed and group [S, groups]: the mean over the group's atoms of each atom's best cosine to any
+    latent (``coverage``), and the latents whose best atom is in the group with a cosine of at least
+    the threshold (``clean``)."""
+
+    coverage: np.ndarray
+    clean: np.ndarray
+
+
+def group_coverage(W_dec, truth, group, n_groups: int, *, clean_cosine: float, signed: bool = True) -> GroupCoverage:
+    """How well each feature group of an organism (atoms ``truth`` [atoms, d], their ``group``) is
+    represented by the SAEs ``W_dec`` [S, latents, d], without a matching: a frequent group can claim
+    many latents, a rare one none. ``signed=False`` compares |cosine|."""
+    truth_rows, group = torch.as_tensor(as_dictionary(truth)), np.asarray(group)
+    coverage, clean = [], []
+    for W in W_dec:
+        cos = truth_rows @ torch.as_tensor(as_dictionary(W)).T  # [atoms, latents]
+        if not signed:
+            cos = cos.abs()
+        best_of_atom = cos.max(1).values.numpy()
+        best_of_latent, owner = (v.numpy() for v in cos.max(0))
+        coverage.append([best_of_atom[group == g].mean() for g in range(n_groups)])
+        clean.append(np.bincount(group[owner[best_of_latent >= clean_cosine]], minlength=n_groups))
+    return GroupCoverage(np.array(coverage), np.array(clean))

@@ -330,6 +330,11 @@ class Chance:
     signed: bool
     similarity: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
+    def rescale(self, value) -> np.ndarray:
+        """``value`` as a fraction of the way from chance to a perfect match: 0 at ``mean``, 1 at 1, so
+        that MCCs measured against different chance levels (organisms, widths) can be pooled."""
+        return (np.asarray(value) - self.mean) / (1 - self.mean)
+
 
 def chance_mcc(
     n_a: int, n_b: int, d: int, *, n_samples: int = 100, seed: int = 0, signed: bool = True, device: str | None = None

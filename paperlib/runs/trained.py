@@ -89,14 +89,15 @@ def trained_bank(
 
 
 @torch.no_grad()
-def firing_rates(bank: SAEBank, x: Tensor, *, chunk_size: int = 4096) -> Tensor:
+def firing_rates(bank: SAEBank, x: Tensor, *, chunk_size: int = 4096, dtype: torch.dtype = torch.float32) -> Tensor:
     """Fraction of the rows of ``x`` on which each latent fires, per seed [S, n_latents] (inference
-    encoding, so BatchTopK uses its threshold). Multiply by 1e6 for "per 1M tokens"."""
+    encoding, so BatchTopK uses its threshold), in ``dtype`` (float64: count / rows exactly rounded).
+    Multiply by 1e6 for "per 1M tokens"."""
     counts = torch.zeros(bank.n_seeds, bank.cfg.n_latents, dtype=torch.float64)
     for start in range(0, x.shape[0], chunk_size):
         chunk = x[start : start + chunk_size].to(bank.W_dec.device, torch.float32)
         counts += (bank.encode(chunk) > 0).sum(1).cpu().double()
-    return (counts / max(x.shape[0], 1)).float()
+    return (counts / max(x.shape[0], 1)).to(dtype)
 
 
 def held_out_split(n_rows: int, eval_rows: int) -> tuple[slice, slice]:
