@@ -43,7 +43,7 @@ from train_throughput import _git_commit, _load, _machine, _matmul_gflops, _writ
 
 from paperlib.sae.bank import SAEBank, SAEConfig  # noqa: E402
 from paperlib.sae.threads import MeasuredStep, ThreadChooser  # noqa: E402
-from paperlib.sae.train import TrainConfig, _batch_rows, _step, train  # noqa: E402
+from paperlib.sae.train import TrainConfig, _iteration, train  # noqa: E402
 from paperlib.sae.zoo_presets import mean_sq_norm, zoo_config  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "organism_step.json"
@@ -131,9 +131,7 @@ def _load_step(label: str):
     counter = iter(range(1, 10**9))
 
     def iteration() -> None:
-        step = next(counter)
-        batch = _batch_rows(step, n_data, schedule)
-        measured.run((rows, bank.closed_form_now()), _step, bank, optimizer, x, batch, schedule, step)
+        _iteration(measured, bank, optimizer, x, schedule, next(counter))
 
     iteration.measured = measured  # type: ignore[attr-defined]  # its probes' verdicts, for the report
     return iteration

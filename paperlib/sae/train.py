@@ -344,10 +344,7 @@ def train(
         initial=start,
         total=cfg.steps,
     ):
-        rows = _batch_rows(step, x.shape[0], cfg)
-        measured.run(
-            (len(x) if rows is None else len(rows), bank.closed_form_now()), _step, bank, optimizer, x, rows, cfg, step
-        )
+        _iteration(measured, bank, optimizer, x, cfg, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record(step)
         if step in checkpoints:
@@ -377,6 +374,16 @@ def _warn_if_diverged(history: History, bank: SAEBank, cfg: TrainConfig) -> None
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _iteration(
+    measured: MeasuredStep, bank: SAEBank, optimizer: torch.optim.Optimizer, x: Tensor, cfg: TrainConfig, step: int
+) -> None:
+    """Training step ``step``: its mini-batch of ``x`` and the step, at the thread count ``measured`` picks for
+    steps of that batch size and kind."""
+    rows = _batch_rows(step, len(x), cfg)
+    kind = (len(x) if rows is None else len(rows), bank.closed_form_now())
+    measured.run(kind, _step, bank, optimizer, x, rows, cfg, step)
 
 
 def _step(
