@@ -19,8 +19,10 @@ What is timed
     the second call of ``--steps`` steps is the measurement. ``train`` always evaluates the bank
     before the first and after the last step (``eval_rows`` = one batch); those two evaluations are
     timed where they run (the child wraps ``paperlib.sae.train.evaluate``) and subtracted
-    (``seconds``); the whole call is kept as ``seconds_with_evals``. ``step_path`` records which
-    closed-form step paperlib took (its sparse TopK path or the dense one).
+    (``seconds``), as is the thread-count probe each call runs once before its first step
+    (``probe_seconds``: ``paperlib.sae.threads.MeasuredStep``, the first step again on copies at 2 and 1
+    threads, a one-time cost like the warm-up); the whole call is kept as ``seconds_with_evals``.
+    ``step_path`` records which closed-form step paperlib took (its sparse TopK path or the dense one).
     peers: each library's own SAE class, loss and training-step bookkeeping, driven by a loop of
     their step (their trainers need a language model and a data pipeline, which the loop replaces),
     with ``torch.optim.Adam``. ``--warmup`` steps first, then ``--steps`` timed steps.
@@ -110,6 +112,8 @@ DATA_RANK = 64
 DATA_SEED = 1234
 BANK_SEEDS = 3
 CONTENDED = 0.75  # a child's matmul check below this fraction of the parent's rate: CPU was shared
+# What each paperlib run reports beside its throughput (the child's bookkeeping of train()'s one-time costs)
+PAPERLIB_RUN_FIELDS = ("seed", "seconds_with_evals", "eval_seconds", "probe_seconds", "final_fvu", "warnings")
 GPU_STEPS = 200  # --device cuda: timed steps (a step takes milliseconds there) and warm-up steps
 GPU_WARMUP = 20
 ADAM_BYTES_PER_PARAM = 28  # fp32 Adam per step: read parameter, gradient, m, v (16), write parameter, m, v (12)
@@ -409,6 +413,24 @@ def _child_paperlib(
             eval_seconds[0] += time.perf_counter() - t0
 
     paperlib_train.evaluate = timed_evaluate
+    # Likewise the thread-count probe (paperlib.sae.threads.MeasuredStep): once per call of train(), it runs
+    # the first step on copies at every thread count; a one-time cost like the warm-up, timed to subtract.
+    probe_seconds = [0.0]
+    try:
+        from paperlib.sae.threads import MeasuredStep
+    except ImportError:  # an older paperlib without the probe
+        MeasuredStep = None
+    if MeasuredStep is not None:
+        probe = MeasuredStep._probe
+
+        def timed_probe(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return probe(*a, **kw)
+            finally:
+                probe_seconds[0] += time.perf_counter() - t0
+
+        MeasuredStep._probe = staticmethod(timed_probe)
     runs = []
     for r in range(args.repeat):
         seed = args.seed + r * args.seeds
@@ -441,19 +463,20 @@ def _child_paperlib(
         if gpu:
             _reset_peak_memory(dev)
         load_before = _load()
-        eval_seconds[0] = 0.0
+        eval_seconds[0] = probe_seconds[0] = 0.0
         t0 = time.perf_counter()
         history = train(bank, x, train_cfg(args.steps), progress=False, device=dev)
         if gpu:
             _sync(dev)
         raw = time.perf_counter() - t0
-        evals = eval_seconds[0]
+        evals, probes = eval_seconds[0], probe_seconds[0]
         runs.append(
             {
                 "seed": seed,
-                "seconds": raw - evals,
+                "seconds": raw - evals - probes,
                 "seconds_with_evals": raw,
                 "eval_seconds": evals,
+                "probe_seconds": probes,
                 "warmup_seconds": warm,
                 "loadavg_before": load_before,
                 "loadavg_after": _load(),
@@ -1122,18 +1145,7 @@ def _main_gpu(args: argparse.Namespace, sizes: list[tuple[int, int]], dev: str) 
                     return
                 precision = child["precision"]
                 for i, run in enumerate(child["runs"]):
-                    extra = {
-                        k: run[k]
-                        for k in (
-                            "seed",
-                            "seconds_with_evals",
-                            "eval_seconds",
-                            "final_fvu",
-                            "warnings",
-                            "peak_gpu_memory_mib",
-                            "placement",
-                        )
-                    }
+                    extra = {k: run[k] for k in (*PAPERLIB_RUN_FIELDS, "peak_gpu_memory_mib", "placement")}
                     extra.update(
                         compile_enabled=child["compile_enabled"],
                         step_path=child["step_path"],
@@ -1383,7 +1395,7 @@ def main() -> None:
                     skip(library, child["error"], seeds=seeds, detail=child.get("traceback") or child.get("stderr"))
                     continue
                 for i, run in enumerate(child["runs"]):
-                    extra = {k: run[k] for k in ("seed", "seconds_with_evals", "eval_seconds", "final_fvu", "warnings")}
+                    extra = {k: run[k] for k in PAPERLIB_RUN_FIELDS}
                     extra.update(
                         compile_enabled=child["compile_enabled"],
                         step_path=child["step_path"],

@@ -18,46 +18,6 @@ from paperlib.sources.corpus import documents, pack, separator_id, special_ids
 from paperlib.sources.llm import decoder_blocks, load_model, residual
 from paperlib.store import Store
 
-N_LAYERS = 3
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 3-block random Llama with its own tokenizer, and a .jsonl + .txt corpus of Wikipedia text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny")
-    texts = list(itertools.islice(documents("wikipedia"), 120))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts[:80]))
-    (corpus / "b.txt").write_text("\n".join(texts[80:]))
-    return {"model": str(model_dir), "corpus": str(corpus)}
-
 
 def cfg(tiny, **overrides):
     fields = dict(
@@ -115,8 +75,8 @@ def test_truncated_forward_matches_full_forward_and_skips_later_blocks(tiny, tmp
     finally:
         handle.remove()
     assert torch.allclose(residual(model, 1, ids), out.hidden_states[2], atol=1e-6)
-    last = residual(model, N_LAYERS - 1, ids)  # raw residual; HF's last hidden state has the final norm
-    assert torch.allclose(model.model.norm(last), out.hidden_states[N_LAYERS], atol=1e-5)
+    last = residual(model, tiny["layers"] - 1, ids)  # raw residual; HF's last hidden state has the final norm
+    assert torch.allclose(model.model.norm(last), out.hidden_states[tiny["layers"]], atol=1e-5)
 
 
 def test_packing_puts_a_separator_first_and_between_documents(tiny, tmp_path):
@@ -294,7 +254,7 @@ def assert_nothing_cached(store, config):
 def test_layer_out_of_range_writes_nothing(tiny, tmp_path):
     store = Store(tmp_path)
     with pytest.raises(ValueError, match=r"layer 3 is out of range .* 3 blocks: use 0..2"):
-        A.load_activations(cfg(tiny, layer=N_LAYERS), store=store, progress=False)
+        A.load_activations(cfg(tiny, layer=tiny["layers"]), store=store, progress=False)
     assert_nothing_cached(store, "layer")
 
 

@@ -26,7 +26,6 @@ from paperlib.sources.organism import UniformOrganism, sample_uniform
 from paperlib.store import Store
 from test_activations import cfg as activation_cfg
 from test_activations import interrupt_extraction
-from test_activations import tiny  # noqa: F401  (the tiny-model fixture)
 from test_interop import _rand, write_saelens
 
 ORGANISM = UniformOrganism(d=8, n_gt=12, s=2, n_samples=600, seed=0)

@@ -115,6 +115,20 @@ def test_a_step_whose_result_does_not_depend_on_the_count_is_chosen_and_the_prob
     assert torch.get_num_threads() == 2  # restored after every step
 
 
+def test_the_probes_timings_are_the_choosers_first_tries(two_threads, monkeypatch):
+    """The probe already ran the step at every count: the chooser starts from those timings (all but the
+    first run's, which may carry one-time costs), so no real step goes to a count only to time it."""
+    module, seen = Counter(), []
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    measured = MeasuredStep()
+    measured.run("kind", step_recording_constant, module, optimizer, seen)
+    chooser = measured.choosers["kind"]
+    assert isinstance(chooser, ThreadChooser) and set(chooser.seconds) == {1, 2}
+    assert seen == [2, 1, 2]  # the probe at 2 and 1, then the first real step at 2 (untried outside the probe)
+    measured.run("kind", step_recording_constant, module, optimizer, seen)
+    assert len(seen) == 4 and chooser.tries == 0  # then the faster count, without an exploratory try
+
+
 def test_off_the_cpu_every_step_runs_as_called(two_threads):
     module, seen = Counter(), []
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

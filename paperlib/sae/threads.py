@@ -158,14 +158,20 @@ class MeasuredStep:
         if len(candidates) < 2:
             return None
 
+        chooser = ThreadChooser()
+
         def outcome(threads: int) -> list[Tensor]:
             module_copy, optimizer_copy = copy.deepcopy((module, optimizer))
             with torch_threads(threads):
+                start = time.perf_counter()
                 step(module_copy, optimizer_copy, *args)
+                seconds = time.perf_counter() - start
+            if threads != candidates[0]:  # the first run may carry one-time costs (compilation, first allocations)
+                chooser.record(threads, seconds)
             adam = [t for state in optimizer_copy.state.values() for t in state.values() if isinstance(t, Tensor)]
             return [*module_copy.state_dict().values(), *adam]
 
         reference = outcome(candidates[0])
         if all(same_bits(reference, outcome(threads)) for threads in candidates[1:]):
-            return ThreadChooser()
+            return chooser  # the probe's runs at the other counts count as their first tries
         return None

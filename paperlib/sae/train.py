@@ -42,6 +42,11 @@ and leaves it there, like ``Module.to``; the cached entry points hand their bank
 ``x`` is a float tensor or a numpy array (converted, on the training device) of shape
 [n_rows >= 1, d_model]; anything else is refused before training starts, as are configuration
 fields of the wrong type (``True`` for an integer, a string for a number).
+
+``x`` may also be a ``paperlib.sources.stream.RowStream`` (stored rows read block by block, or a live
+language model): then only one block is held at a time, batches (``batch_size`` is required) are its
+consecutive rows, the first ``stats_rows`` rows set the scale and ``b_dec`` and are the evaluation rows,
+a checkpoint records the stream's identity and position, and a resumed run continues at that position.
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ from paperlib.atomic import atomic_path, remove_stale_temporaries
 from paperlib.checks import is_int, is_real
 from paperlib.runtime import PRECISIONS, cpu_has_native_bf16, matmul_precision, resolve_device, resolve_precision
 from paperlib.sae.bank import SAEBank
+from paperlib.sae.kernels import scratch
 from paperlib.sae.threads import MeasuredStep
+from paperlib.sources.stream import Feed, RowStream
 from paperlib.store import jsonable
 
 Callback = Callable[[SAEBank], "float | np.ndarray | Tensor"]
@@ -192,6 +199,20 @@ def evaluate(bank: SAEBank, x: Tensor, chunk_size: int = 4096) -> dict[str, np.n
     return {name: value.cpu().numpy() for name, value in out.items()}
 
 
+def _check_stream(stream: RowStream, bank: SAEBank, cfg: TrainConfig) -> None:
+    """A stream has no length to take all of: batches must be sized, and rows must fit the bank."""
+    if cfg.batch_size is None:
+        raise ValueError(
+            "training from a stream needs TrainConfig.batch_size (full-batch training takes all rows, and a "
+            "stream has no end); set batch_size, e.g. 4096"
+        )
+    if stream.d_model != bank.cfg.d_model:
+        raise ValueError(
+            f"the stream's rows have d_model={stream.d_model}, the bank expects {bank.cfg.d_model}; "
+            "build the bank for the stream's model and layer"
+        )
+
+
 def _as_data(x, bank: SAEBank) -> Tensor:
     """``x`` as a tensor, checked: numpy arrays are accepted (converted without a copy where possible);
     anything else, integer or boolean data, no rows, the wrong width or NaN/Inf is refused here."""
@@ -217,14 +238,16 @@ def _as_data(x, bank: SAEBank) -> Tensor:
     return x
 
 
-def data_fingerprint(x: Tensor) -> dict:
+def data_fingerprint(x: Tensor | np.ndarray) -> dict:
     """Shape, dtype and sha256 of the rows exactly as training reads them (the same bytes give the
     same run): what a checkpoint must match to be resumed. Hashed in ~64 MB chunks, never a second
-    copy of the whole data."""
+    copy of the whole data (a numpy array, e.g. a memory map, gives what the same tensor gives)."""
     digest = hashlib.sha256()
-    rows = max(1, (64 << 20) // max(1, x.shape[1] * x.element_size()))
+    rows = max(1, (64 << 20) // max(1, x.shape[1] * x.dtype.itemsize))
     for start in range(0, x.shape[0], rows):
-        digest.update(x[start : start + rows].detach().cpu().contiguous().numpy().data)  # a view: no copy
+        chunk = x[start : start + rows]
+        chunk = chunk if isinstance(chunk, np.ndarray) else chunk.detach().cpu().contiguous().numpy()
+        digest.update(np.ascontiguousarray(chunk).data)  # a view where already contiguous: no copy
     return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."), "sha256": digest.hexdigest()}
 
 
@@ -280,16 +303,21 @@ def fold_scale(bank: SAEBank, scale: float) -> None:
 
 def train(
     bank: SAEBank,
-    x: Tensor,
+    x: Tensor | np.ndarray | RowStream,
     cfg: TrainConfig,
     *,
     callbacks: Mapping[str, Callback] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> History:
-    """Train every seed of ``bank`` on rows of ``x`` with Adam; returns the logged ``History``.
+    """Train every seed of ``bank`` on rows of ``x`` (a tensor, or a stream of rows) with Adam; returns the logged
+    ``History``.
     ``device``: where (default ``paperlib.device()``); the bank is moved there and stays there."""
     target = resolve_device(device, "device")  # refused before the data is read
+    stream = x if isinstance(x, RowStream) else None
+    if stream is not None:  # its first rows stand in for x below: normalisation, b_dec, evaluation
+        _check_stream(stream, bank, cfg)
+        x = Feed(stream).take(cfg.stats_rows)
     x = _as_data(x, bank)
     bank.to(target)
     x = x.to(target, torch.float32)
@@ -305,14 +333,16 @@ def train(
     optimizer = torch.optim.Adam(bank.parameters(), lr=cfg.lr, foreach=True)
     log: dict[str, list] = {"step": []}
     snapshots: dict[int, Tensor] = {}
-    resume = _Resume(cfg.checkpoint_dir, bank, cfg, data_fingerprint(x)) if cfg.checkpoint_dir else None
+    data = {"stream": stream.identity()} if stream else data_fingerprint(x)
+    resume = _Resume(cfg.checkpoint_dir, bank, cfg, data) if cfg.checkpoint_dir else None
     resumed = resume.load(bank, optimizer, log, snapshots) if resume else None
     if resumed is None:
-        scale, start = _prepare(bank, x, cfg), 0
+        scale, start, position = _prepare(bank, x, cfg), 0, (0, 0)
     else:
-        start, scale = resumed
+        start, scale, position = resumed
     x = x * scale if scale != 1.0 else x
     eval_x = x if cfg.eval_rows is None else x[: cfg.eval_rows]
+    feed = Feed(stream, position) if stream else None
     checkpoints = set(cfg.checkpoint_steps())
 
     def record(step: int) -> None:
@@ -327,7 +357,7 @@ def train(
     def checkpoint(step: int) -> None:
         snapshots[step] = (bank.W_dec.detach() / scale).cpu().clone()
         if resume:
-            resume.save(step, scale, bank, optimizer, log, snapshots)
+            resume.save(step, scale, bank, optimizer, log, snapshots, feed.position if feed else None)
 
     if start == 0:
         record(0)
@@ -336,19 +366,25 @@ def train(
     # On the CPU each kind of step runs at the thread count measured fastest, where a probe shows the
     # count changes no number (paperlib.sae.threads): a busy machine otherwise stalls short steps.
     measured = MeasuredStep(enabled=x.device.type == "cpu")
-    for step in tqdm(
+    steps = tqdm(
         range(start + 1, cfg.steps + 1),
         disable=not progress,
         desc=bank.cfg.architecture,
         mininterval=2,
         initial=start,
         total=cfg.steps,
-    ):
-        _iteration(measured, bank, optimizer, x, cfg, step)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record(step)
-        if step in checkpoints:
-            checkpoint(step)
+    )
+    with scratch.reuse():  # the steps' large temporaries are allocated once (kernels/scratch.py)
+        for step in steps:
+            if feed is None:
+                _iteration(measured, bank, optimizer, x, cfg, step)
+            else:  # the stream's next rows, scaled as x was
+                batch = feed.take(cast(int, cfg.batch_size)).to(target)
+                _iteration(measured, bank, optimizer, batch * scale if scale != 1.0 else batch, cfg, step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record(step)
+            if step in checkpoints:
+                checkpoint(step)
     if scale != 1.0:
         fold_scale(bank, scale)
     history = History({name: np.stack(values) for name, values in log.items()}, snapshots, scale)
@@ -415,7 +451,10 @@ def _step(
         with torch.no_grad():  # remove the gradient component that would change row norms
             rows, grad = bank.W_dec, bank.W_dec.grad
             assert grad is not None  # set above, by backward() or the closed form
-            grad -= (grad * rows).sum(-1, keepdim=True) * rows
+            # grad -= (grad * rows).sum(-1, keepdim=True) * rows, its two [S, n, d] products in one kept buffer
+            product = scratch.buffer("unit_projection", tuple(grad.shape), grad.dtype, grad.device)
+            along = torch.mul(grad, rows, out=product).sum(-1, keepdim=True)
+            grad -= torch.mul(along, rows, out=product)
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr_at(step)
     optimizer.step()
@@ -433,10 +472,11 @@ class _Resume:
         self.record = {"sae": jsonable(bank.cfg), "train": jsonable(replace(cfg, checkpoint_dir=None)), "data": data}
         remove_stale_temporaries(self.path.parent, recursive=False)  # of interrupted saves, an hour old
 
-    def save(self, step, scale, bank, optimizer, log, snapshots) -> None:
+    def save(self, step, scale, bank, optimizer, log, snapshots, position: tuple[int, int] | None) -> None:
         state = {
             "step": step,
             "scale": scale,
+            "position": position,  # in a stream: where the next batch starts
             "bank": bank.state_dict(),
             "optimizer": optimizer.state_dict(),
             "log": log,
@@ -447,7 +487,7 @@ class _Resume:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
-    def load(self, bank, optimizer, log, snapshots) -> tuple[int, float] | None:
+    def load(self, bank, optimizer, log, snapshots) -> tuple[int, float, tuple[int, int]] | None:
         if not self.path.exists():
             return None
         fix = f"use another checkpoint_dir, or delete {self.path.parent} to start this run over"
@@ -469,7 +509,7 @@ class _Resume:
         optimizer.load_state_dict(state["optimizer"])
         log.update(state["log"])
         snapshots.update(state["snapshots"])
-        return state["step"], state["scale"]
+        return state["step"], state["scale"], tuple(state.get("position") or (0, 0))
 
 
 def _differences(part: str, saved, now) -> list[str]:

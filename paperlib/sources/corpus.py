@@ -29,6 +29,7 @@ masked at document boundaries inside a context (as in pretraining).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -179,36 +180,44 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def pack(tokenizer, docs: Iterable[str], context_length: int, n_contexts: int, corpus: str = "corpus") -> torch.Tensor:
-    """``[n_contexts, context_length]`` int32 token ids packed as the module docstring describes;
-    raises when the corpus is empty or too small, naming how many tokens it had."""
-    sep = separator_id(tokenizer)
-    body = context_length - 1
-    need = n_contexts * body
-    stream = np.empty(need, dtype=np.int32)
-    filled = 0
+def packed(tokenizer, docs: Iterable[str], context_length: int) -> Iterator[np.ndarray]:
+    """The contexts of the module docstring one at a time (int32 ``[context_length]``), for as long as
+    ``docs`` lasts: what ``pack`` stacks, and what a live activation stream reads without holding them all."""
+    sep, body = separator_id(tokenizer), context_length - 1
+    pending: list[np.ndarray] = []
+    held = 0
     for batch in _batched(docs, 256):
         encoded = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for ids in encoded:
-            piece = np.asarray(list(ids) + [sep], dtype=np.int32)[: need - filled]
-            stream[filled : filled + len(piece)] = piece
-            filled += len(piece)
-            if filled == need:
-                break
-        if filled == need:
-            break
-    if filled == 0:
-        raise ValueError(f"corpus {corpus!r} contains no text; point it at non-empty documents")
-    if filled < need:
+            pending.append(np.asarray(list(ids) + [sep], dtype=np.int32))
+            held += len(pending[-1])
+        if held >= body:
+            tokens = np.concatenate(pending)
+            whole = len(tokens) // body
+            for i in range(whole):
+                context = np.empty(context_length, dtype=np.int32)
+                context[0], context[1:] = sep, tokens[i * body : (i + 1) * body]
+                yield context
+            pending, held = [tokens[whole * body :]], len(tokens) - whole * body
+
+
+def pack(tokenizer, docs: Iterable[str], context_length: int, n_contexts: int, corpus: str = "corpus") -> torch.Tensor:
+    """``[n_contexts, context_length]`` int32 token ids packed as the module docstring describes;
+    raises when the corpus is empty or too small, naming how many contexts it had."""
+    contexts = list(itertools.islice(packed(tokenizer, docs, context_length), n_contexts))
+    if not contexts:
         raise ValueError(
-            f"corpus {corpus!r} has only {filled} tokens ({filled // body} contexts of {context_length}), but "
+            f"corpus {corpus!r} contains no text, or less than one context of {context_length} tokens; "
+            "point it at (more) non-empty documents"
+        )
+    if len(contexts) < n_contexts:
+        raise ValueError(
+            f"corpus {corpus!r} has only {len(contexts) * context_length} tokens ({len(contexts)} contexts of "
+            f"{context_length}), but "
             f"{n_contexts} contexts ({n_contexts * context_length} tokens) were asked for: lower n_tokens "
             "or use a larger corpus"
         )
-    contexts = np.empty((n_contexts, context_length), dtype=np.int32)
-    contexts[:, 0] = sep
-    contexts[:, 1:] = stream.reshape(n_contexts, body)
-    return torch.from_numpy(contexts)
+    return torch.from_numpy(np.stack(contexts))
 
 
 def count_tokens(tokens: torch.Tensor, special: list[int], vocab_size: int) -> torch.Tensor:

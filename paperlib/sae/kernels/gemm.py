@@ -130,8 +130,17 @@ def applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     )  # last: the first call in a process may time both GEMMs
 
 
-def addmm(bias: Tensor | None, x: Tensor, weight: Tensor) -> Tensor:
-    """``bias + x @ weight`` for ``x`` [m, k] and ``weight`` [k, n], through oneDNN where it applies."""
+def writes_into(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether ``addmm(bias, x, weight, out=...)`` writes into ``out`` (torch's route, outside autocast):
+    oneDNN's op and autocast allocate their own result."""
+    return not torch.is_autocast_enabled(x.device.type) and not applies(x, weight, bias)
+
+
+def addmm(bias: Tensor | None, x: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``bias + x @ weight`` for ``x`` [m, k] and ``weight`` [k, n], through oneDNN where it applies.
+    ``out``: a float32 [m, n] tensor to write into where ``writes_into`` says so (the same numbers)."""
     if applies(x, weight, bias):
         return _linear()(x, weight.T, bias, "none", [], "")
+    if out is not None and not torch.is_autocast_enabled(x.device.type):
+        return torch.mm(x, weight, out=out) if bias is None else torch.addmm(bias, x, weight, out=out)
     return x @ weight if bias is None else torch.addmm(bias, x, weight)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from paperlib.sae.kernels import gemm
+from paperlib.sae.kernels import gemm, scratch
 from paperlib.sae.kernels.fused import sparse_tail
 from paperlib.sae.kernels.params import Gradients, Params
 
@@ -45,7 +45,7 @@ def sparse_topk_grads(
     n_seeds, n = params.b_enc.shape
     grads = [
         torch.zeros_like(params.W_dec),
-        torch.empty_like(params.W_enc),  # W_enc's and b_dec's: set per seed below
+        torch.empty_like(params.W_enc),  # W_enc's and b_dec's: set per seed below (empty_like keeps W_enc's layout)
         torch.zeros_like(params.b_enc),
         torch.empty_like(params.b_dec),
     ]
@@ -54,9 +54,13 @@ def sparse_topk_grads(
     scale = 2.0 / (n_rows * dims)
     for s in range(n_seeds):
         W_dec, W_enc, b_dec = params.W_dec[s], params.W_enc[s], params.b_dec[s]
-        d_W_dec, d_W_enc_t = grads[0][s], torch.zeros(n, x.shape[1], device=x.device, dtype=x.dtype)
-        centred = x - b_dec
-        pre = gemm.addmm(params.b_enc[s], centred, W_enc).float()  # fp32 even when autocast made the GEMM bf16
+        # W_enc's gradient, transposed, is summed in place where the bank keeps W_enc latent-major (it does)
+        in_place = grads[1][s].T.is_contiguous()
+        d_W_enc_t = grads[1][s].T.zero_() if in_place else torch.zeros(n, x.shape[1], device=x.device)
+        d_W_dec, centred = grads[0][s], x - b_dec
+        kept = gemm.writes_into(centred, W_enc, params.b_enc[s])
+        out = scratch.buffer("sparse_topk_pre", (x.shape[0], n), torch.float32, x.device) if kept else None
+        pre = gemm.addmm(params.b_enc[s], centred, W_enc, out=out).float()  # fp32 also when autocast made it bf16
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
         active = val > 0
@@ -81,7 +85,8 @@ def sparse_topk_grads(
             grads[2][s].index_add_(0, idx.flatten(), d_val.flatten())
             grads[3][s] = g.sum(0) - W_enc @ grads[2][s]
             sums[:, s] = torch.stack([sq_err, val.sum(), active.sum().to(val.dtype)])
-        grads[1][s] = d_W_enc_t.T
+        if not in_place:
+            grads[1][s] = d_W_enc_t.T
         fired[s, idx[active]] = True
     return Gradients(Params(*grads), sums, fired)
 
