@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from paperlib.sae.bank import SAEBank, SAEConfig
-from paperlib.sae.train import TrainConfig, train
+from paperlib.sae.train import TrainConfig, train, train_many
 from paperlib.sources.activations import ActivationConfig, row_mask
 from paperlib.sources.corpus import documents, pack, packed, special_ids
 from paperlib.sources.llm import load_model, residual
@@ -116,6 +116,94 @@ def test_a_stream_needs_a_batch_size_and_rows_of_the_banks_width():
         TensorStream(torch.zeros(0, 4))
     with pytest.raises(ValueError, match="block_rows must be a positive integer"):
         TensorStream(rows(), block_rows=0)
+
+
+def lockstep_banks() -> tuple[list[SAEBank], list[TrainConfig]]:
+    """Three banks of different architectures, widths and schedules that can share batches of 40 rows."""
+    banks = [
+        SAEBank(SAEConfig("topk", 8, 16, k=3, n_seeds=2, seed=1)),
+        SAEBank(SAEConfig("relu", 8, 24, n_seeds=1, seed=2, l1_coeff=1e-3)),
+        SAEBank(SAEConfig("batchtopk", 8, 16, k=2, n_seeds=2, seed=3)),
+    ]
+    base = TrainConfig(steps=12, lr=1e-3, batch_size=40, log_every=4, stats_rows=100)
+    cfgs = [replace(base, normalize=True), replace(base, lr=3e-3, steps=8), replace(base, warmup_steps=4)]
+    return banks, cfgs
+
+
+def states(banks: list[SAEBank]) -> list[list[torch.Tensor]]:
+    return [list(bank.state_dict().values()) for bank in banks]
+
+
+def assert_same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> None:
+    for x, y in zip(a, b, strict=True):
+        for p, q in zip(x, y, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
+
+
+def test_banks_in_lockstep_end_as_each_would_alone_and_read_each_batch_once(capsys):
+    x = rows(500, d=8)
+    alone, cfgs = lockstep_banks()
+    histories = [train(bank, TensorStream(x, block_rows=64), cfg, progress=False) for bank, cfg in zip(alone, cfgs)]
+    together, _ = lockstep_banks()
+    stream = TensorStream(x, block_rows=64)
+    requested = []
+    raw_block = stream.raw_block
+    stream.raw_block = lambda index: requested.append(index) or raw_block(index)  # type: ignore[method-assign]
+    shared = train_many(together, stream, cfgs, memory_limit=2**40)
+    assert_same(states(alone), states(together))
+    for a, b in zip(histories, shared):
+        assert a["step"].tolist() == b["step"].tolist() and np.array_equal(a["loss"], b["loss"])
+    # 12 steps x 40 rows = 480 rows = blocks 0..7, each read once (block 0 also for the first slice)
+    assert requested == [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert "5 SAEs in 3 banks need about" in capsys.readouterr().out
+
+
+def test_banks_that_do_not_fit_together_take_one_pass_each(capsys):
+    x = rows(500, d=8)
+    alone, cfgs = lockstep_banks()
+    for bank, cfg in zip(alone, cfgs):
+        train(bank, TensorStream(x, block_rows=64), cfg, progress=False)
+    together, _ = lockstep_banks()
+    train_many(together, TensorStream(x, block_rows=64), cfgs, memory_limit=1)
+    assert_same(states(alone), states(together))
+    assert "3 passes over the stream" in capsys.readouterr().out
+
+
+def test_banks_in_lockstep_resume_each_from_its_own_checkpoint(tmp_path):
+    x = rows(500, d=8)
+    banks, cfgs = lockstep_banks()
+    train_many(banks, TensorStream(x, block_rows=64), cfgs, progress=False)
+    reference = states(banks)
+    # checkpoints at different steps (3, 6 for the first; 2, 4 for the 8-step second; 6 for the third), then a
+    # Ctrl-C at the third bank's log of step 8: each resumes from its own last checkpoint
+    fractions = [(0.25, 0.5, 1.0), (0.25, 0.5, 1.0), (0.5, 1.0)]
+    cfgs = [
+        replace(cfg, checkpoint_fractions=f, checkpoint_dir=str(tmp_path / str(i)))
+        for i, (cfg, f) in enumerate(zip(cfgs, fractions))
+    ]
+    logs = []
+
+    def interrupt(bank):
+        logs.append(1)
+        if len(logs) == 3:  # its logs at steps 0, 4, 8
+            raise KeyboardInterrupt
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        train_many(lockstep_banks()[0], TensorStream(x, block_rows=64), cfgs, callbacks=[{}, {}, {"c": interrupt}])
+    resumed, _ = lockstep_banks()
+    callbacks = [{}, {}, {"c": lambda bank: 0.0}]
+    train_many(resumed, TensorStream(x, block_rows=64), cfgs, callbacks=callbacks, progress=False)
+    assert_same(reference, states(resumed))
+
+
+def test_lockstep_needs_one_batch_size_and_one_config_per_bank():
+    banks, cfgs = lockstep_banks()
+    stream = TensorStream(rows(100, d=8))
+    with pytest.raises(ValueError, match="the same batch_size, got \\[32, 40\\]"):
+        train_many(banks, stream, [replace(cfgs[0], batch_size=32), *cfgs[1:]])
+    with pytest.raises(ValueError, match="one TrainConfig and one callbacks mapping per bank, got 3 banks, 2 configs"):
+        train_many(banks, stream, cfgs[:2])
 
 
 def stream_cfg(tiny, **overrides) -> ActivationConfig:

@@ -47,6 +47,8 @@ fields of the wrong type (``True`` for an integer, a string for a number).
 language model): then only one block is held at a time, batches (``batch_size`` is required) are its
 consecutive rows, the first ``stats_rows`` rows set the scale and ``b_dec`` and are the evaluation rows,
 a checkpoint records the stream's identity and position, and a resumed run continues at that position.
+``train_many(banks, stream, cfgs)`` trains several banks in lockstep from one stream (each batch read once),
+each ending as ``train`` alone would leave it, in as many passes over the stream as the memory requires.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import functools
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -314,82 +316,198 @@ def train(
     ``History``.
     ``device``: where (default ``paperlib.device()``); the bank is moved there and stays there."""
     target = resolve_device(device, "device")  # refused before the data is read
-    stream = x if isinstance(x, RowStream) else None
-    if stream is not None:  # its first rows stand in for x below: normalisation, b_dec, evaluation
-        _check_stream(stream, bank, cfg)
-        x = Feed(stream).take(cfg.stats_rows)
-    x = _as_data(x, bank)
-    bank.to(target)
-    x = x.to(target, torch.float32)
-    if resolve_precision(cfg.precision, x.device) == "bf16" and x.device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn(
-            f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
-            "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here",
-            stacklevel=user_stacklevel(),
-        )  # train directly, or through runs.trained.trained_bank and the Store
-    callbacks = dict(callbacks or {})
-    # foreach: one kernel per op over all parameters; bitwise the same updates as the per-tensor loop
-    # (tested), 1.3-2.4x faster on large banks. torch's fused Adam is faster still but rounds differently.
-    optimizer = torch.optim.Adam(bank.parameters(), lr=cfg.lr, foreach=True)
-    log: dict[str, list] = {"step": []}
-    snapshots: dict[int, Tensor] = {}
-    data = {"stream": stream.identity()} if stream else data_fingerprint(x)
-    resume = _Resume(cfg.checkpoint_dir, bank, cfg, data) if cfg.checkpoint_dir else None
-    resumed = resume.load(bank, optimizer, log, snapshots) if resume else None
-    if resumed is None:
-        scale, start, position = _prepare(bank, x, cfg), 0, (0, 0)
-    else:
-        start, scale, position = resumed
-    x = x * scale if scale != 1.0 else x
-    eval_x = x if cfg.eval_rows is None else x[: cfg.eval_rows]
-    feed = Feed(stream, position) if stream else None
-    checkpoints = set(cfg.checkpoint_steps())
-
-    def record(step: int) -> None:
-        log["step"].append(step)
-        metrics = evaluate(bank, eval_x, cfg.chunk_size)
-        metrics.update({name: np.asarray(_to_numpy(fn(bank))) for name, fn in callbacks.items()})
-        for name, value in metrics.items():
-            log.setdefault(name, []).append(value)
-        if not np.isfinite(metrics["loss"]).all():
-            _stop_non_finite(step, bank, metrics["loss"])
-
-    def checkpoint(step: int) -> None:
-        snapshots[step] = (bank.W_dec.detach() / scale).cpu().clone()
-        if resume:
-            resume.save(step, scale, bank, optimizer, log, snapshots, feed.position if feed else None)
-
-    if start == 0:
-        record(0)
-        if 0 in checkpoints:
-            checkpoint(0)
-    # On the CPU each kind of step runs at the thread count measured fastest, where a probe shows the
-    # count changes no number (paperlib.sae.threads): a busy machine otherwise stalls short steps.
-    measured = MeasuredStep(enabled=x.device.type == "cpu")
-    steps = tqdm(
-        range(start + 1, cfg.steps + 1),
-        disable=not progress,
-        desc=bank.cfg.architecture,
-        mininterval=2,
-        initial=start,
-        total=cfg.steps,
-    )
+    if isinstance(x, RowStream):
+        return train_many([bank], x, [cfg], callbacks=[callbacks or {}], progress=progress, device=target)[0]
+    x = _as_data(x, bank).to(target, torch.float32)
+    run = _Run(bank, x, data_fingerprint(x), cfg, callbacks or {}, target)
+    bar = _bar(run.start, cfg.steps, bank.cfg.architecture, progress)
     with scratch.reuse():  # the steps' large temporaries are allocated once (kernels/scratch.py)
-        for step in steps:
-            if feed is None:
-                _iteration(measured, bank, optimizer, x, cfg, step)
-            else:  # the stream's next rows, scaled as x was
-                batch = feed.take(cast(int, cfg.batch_size)).to(target)
-                _iteration(measured, bank, optimizer, batch * scale if scale != 1.0 else batch, cfg, step)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record(step)
-            if step in checkpoints:
-                checkpoint(step)
-    if scale != 1.0:
-        fold_scale(bank, scale)
-    history = History({name: np.stack(values) for name, values in log.items()}, snapshots, scale)
-    _warn_if_diverged(history, bank, cfg)
-    return history
+        for step in bar:
+            run.step(step, run.sample)  # all of x, scaled
+    return run.finish()
+
+
+def train_many(
+    banks: Sequence[SAEBank],
+    stream: RowStream,
+    cfgs: Sequence[TrainConfig],
+    *,
+    callbacks: Sequence[Mapping[str, Callback]] | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    memory_limit: int | None = None,
+) -> list[History]:
+    """Train every bank (bank ``i`` with ``cfgs[i]``) in lockstep from one stream: each batch is read once and
+    every bank takes its step on it, so one pass of the stream (one LLM forward per row, for a live stream)
+    feeds them all, and each bank ends exactly as ``train(bank, stream, cfg)`` alone would leave it (every
+    ``cfgs[i].batch_size`` must be equal). ``memory_limit`` (bytes; default 80 % of what is available on the
+    device, ``training_memory`` per bank) splits the banks into groups, each its own pass over the stream;
+    the plan is printed first when ``progress``. A bank with ``checkpoint_dir`` resumes from its checkpoint,
+    and a pass starts at the earliest of its banks' positions."""
+    target = resolve_device(device, "device")
+    banks, cfgs = list(banks), list(cfgs)
+    callbacks = list(callbacks) if callbacks is not None else [{} for _ in banks]
+    if not banks or len(cfgs) != len(banks) or len(callbacks) != len(banks):
+        raise ValueError(
+            f"train_many takes one TrainConfig and one callbacks mapping per bank, got {len(banks)} banks, "
+            f"{len(cfgs)} configs and {len(callbacks)} callbacks"
+        )
+    for bank, cfg in zip(banks, cfgs):
+        _check_stream(stream, bank, cfg)
+    if len({cfg.batch_size for cfg in cfgs}) > 1:
+        raise ValueError(
+            f"banks trained in lockstep read the same batches: give every TrainConfig the same batch_size, "
+            f"got {sorted({cast(int, cfg.batch_size) for cfg in cfgs})}"
+        )
+    sample = _as_data(Feed(stream).take(max(cfg.stats_rows for cfg in cfgs)), banks[0]).to(target, torch.float32)
+    passes = _passes(banks, cfgs, target, memory_limit, progress)
+    histories: dict[int, History] = {}
+    identity = {"stream": stream.identity()}
+    for members in passes:
+        runs = {
+            i: _Run(banks[i], sample[: cfgs[i].stats_rows], identity, cfgs[i], callbacks[i], target) for i in members
+        }
+        first = min(runs.values(), key=lambda run: run.start)
+        feed = Feed(stream, first.position)
+        label = banks[members[0]].cfg.architecture if len(members) == 1 else f"{len(members)} banks"
+        with scratch.reuse():
+            for step in _bar(first.start, max(cfgs[i].steps for i in members), label, progress):
+                raw = feed.take(cast(int, cfgs[members[0]].batch_size)).to(target)
+                for run in runs.values():
+                    if run.start < step <= run.cfg.steps:  # a bank resumed further on waits for its own step
+                        run.step(step, run.scaled(raw), feed.position)
+        histories.update({i: run.finish() for i, run in runs.items()})
+    return [histories[i] for i in range(len(banks))]
+
+
+def _bar(start: int, steps: int, label: str, progress: bool) -> Iterable[int]:
+    """Steps ``start + 1 .. steps``, with a progress bar when ``progress``."""
+    return tqdm(
+        range(start + 1, steps + 1), disable=not progress, desc=label, mininterval=2, initial=start, total=steps
+    )
+
+
+def training_memory(bank: SAEBank, batch_size: int) -> int:
+    """Bytes a bank needs while it trains (an estimate): its fp32 parameters, their gradients and Adam's two
+    moments, and per seed a few [batch, n_latents] temporaries of the step (pre-activations, codes and their
+    gradient)."""
+    parameters = sum(p.numel() for p in bank.parameters())
+    return 4 * (4 * parameters + 3 * bank.cfg.n_seeds * batch_size * bank.cfg.n_latents)
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**63  # unknown: no limit
+
+
+def _passes(
+    banks: list[SAEBank], cfgs: list[TrainConfig], device: torch.device, memory_limit: int | None, progress: bool
+) -> list[list[int]]:
+    """The banks in groups whose training memory fits ``memory_limit``, in order; each group is one pass."""
+    limit = memory_limit if memory_limit is not None else int(0.8 * _available_memory(device))
+    needs = [training_memory(bank, cast(int, cfg.batch_size)) for bank, cfg in zip(banks, cfgs)]
+    passes: list[list[int]] = []
+    used = 0
+    for i, need in enumerate(needs):
+        if not passes or used + need > limit:
+            passes.append([])
+            used = 0
+        passes[-1].append(i)
+        used += need
+    if progress:
+        print(
+            f"train_many: {_count(sum(bank.cfg.n_seeds for bank in banks), 'SAE')} in {_count(len(banks), 'bank')} "
+            "need about "
+            f"{sum(needs) / 2**30:.2f} GiB to train on {device} (limit {limit / 2**30:.2f} GiB): "
+            f"{_count(len(passes), 'pass', 'passes')} over the stream"
+        )
+    return passes
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+class _Run:
+    """One bank's training: its optimizer, schedule, log, checkpoints and resumption, advanced one step at a
+    time by ``train`` (from a tensor) or ``train_many`` (from a stream shared with other banks)."""
+
+    def __init__(
+        self,
+        bank: SAEBank,
+        sample: Tensor,
+        data: dict,
+        cfg: TrainConfig,
+        callbacks: Mapping[str, Callback],
+        target: torch.device,
+    ) -> None:
+        bank.to(target)
+        if resolve_precision(cfg.precision, target) == "bf16" and target.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn(
+                f"TrainConfig.precision={cfg.precision!r}: this CPU has no native bf16 (AVX512-BF16/AMX), so "
+                "bf16 matmuls are emulated and slower than fp32; use precision='fp32' here",
+                stacklevel=user_stacklevel(),
+            )  # train directly, or through runs.trained.trained_bank and the Store
+        self.bank, self.cfg, self.callbacks = bank, cfg, dict(callbacks)
+        # foreach: one kernel per op over all parameters; bitwise the same updates as the per-tensor loop
+        # (tested), 1.3-2.4x faster on large banks. torch's fused Adam is faster still but rounds differently.
+        self.optimizer = torch.optim.Adam(bank.parameters(), lr=cfg.lr, foreach=True)
+        self.log: dict[str, list] = {"step": []}
+        self.snapshots: dict[int, Tensor] = {}
+        self.resume = _Resume(cfg.checkpoint_dir, bank, cfg, data) if cfg.checkpoint_dir else None
+        resumed = self.resume.load(bank, self.optimizer, self.log, self.snapshots) if self.resume else None
+        if resumed is None:
+            self.scale, self.start, self.position = _prepare(bank, sample, cfg), 0, (0, 0)
+        else:
+            self.start, self.scale, self.position = resumed
+        self.sample = self.scaled(sample)  # train() trains on all of it; train_many on the stream's batches
+        self.eval_x = self.sample if cfg.eval_rows is None else self.sample[: cfg.eval_rows]
+        self.checkpoints = set(cfg.checkpoint_steps())
+        # On the CPU each kind of step runs at the thread count measured fastest, where a probe shows the
+        # count changes no number (paperlib.sae.threads): a busy machine otherwise stalls short steps.
+        self.measured = MeasuredStep(enabled=target.type == "cpu")
+        if self.start == 0:
+            self.record(0)
+            if 0 in self.checkpoints:
+                self.checkpoint(0)
+
+    def scaled(self, x: Tensor) -> Tensor:
+        """Rows as this run trains on them (the data scale of ``normalize``)."""
+        return x * self.scale if self.scale != 1.0 else x
+
+    def step(self, step: int, x: Tensor, position: tuple[int, int] | None = None) -> None:
+        """Training step ``step`` on ``x`` (the whole data, or a stream's batch that ends at ``position``),
+        then its log and checkpoint when due."""
+        _iteration(self.measured, self.bank, self.optimizer, x, self.cfg, step)
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            self.record(step)
+        if step in self.checkpoints:
+            self.checkpoint(step, position)
+
+    def record(self, step: int) -> None:
+        self.log["step"].append(step)
+        metrics = evaluate(self.bank, self.eval_x, self.cfg.chunk_size)
+        metrics.update({name: np.asarray(_to_numpy(fn(self.bank))) for name, fn in self.callbacks.items()})
+        for name, value in metrics.items():
+            self.log.setdefault(name, []).append(value)
+        if not np.isfinite(metrics["loss"]).all():
+            _stop_non_finite(step, self.bank, metrics["loss"])
+
+    def checkpoint(self, step: int, position: tuple[int, int] | None = None) -> None:
+        self.snapshots[step] = (self.bank.W_dec.detach() / self.scale).cpu().clone()
+        if self.resume:
+            self.resume.save(step, self.scale, self.bank, self.optimizer, self.log, self.snapshots, position)
+
+    def finish(self) -> History:
+        if self.scale != 1.0:
+            fold_scale(self.bank, self.scale)
+        history = History({name: np.stack(values) for name, values in self.log.items()}, self.snapshots, self.scale)
+        _warn_if_diverged(history, self.bank, self.cfg)
+        return history
 
 
 def _warn_if_diverged(history: History, bank: SAEBank, cfg: TrainConfig) -> None:
