@@ -235,6 +235,25 @@ def test_a_model_stream_starts_the_corpus_over_when_it_runs_out(tiny, tmp_path):
     assert np.array_equal(across, np.concatenate([one_pass[-2:], one_pass[:2]]))
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_the_papers_model_families_stream_into_banks_in_lockstep(tiny, tmp_path, family):
+    """The paper path in miniature: Pythia's and GPT-2's architectures (random, built in code), a live stream
+    of their residual after block 1 (what HF's hidden_states[2] holds), several banks from it."""
+    store = Store(tmp_path)
+    config = stream_cfg(tiny, model=tiny["models"][family])
+    stream = ModelStream(config, block_contexts=6, store=store)
+    model, tokenizer = load_model(config.model, store)
+    tokens = pack(tokenizer, documents(config.corpus), 16, 6)
+    with torch.no_grad():
+        hidden = model(input_ids=tokens.long(), output_hidden_states=True).hidden_states[config.layer + 1]
+    keep = torch.from_numpy(row_mask(tokens.numpy(), special_ids(tokenizer), config.first_position))
+    torch.testing.assert_close(stream.raw_block(0), hidden[keep], rtol=1e-5, atol=1e-5)
+    banks = [SAEBank(SAEConfig("topk", 32, 64, k=4, n_seeds=2)), SAEBank(SAEConfig("relu", 32, 48, l1_coeff=1e-3))]
+    cfg = TrainConfig(steps=6, lr=1e-3, batch_size=64, stats_rows=128, normalize=True)
+    histories = train_many(banks, stream, [cfg, cfg], progress=False)
+    assert all(np.isfinite(h.final("fvu")).all() for h in histories)
+
+
 def test_training_on_the_packaged_model_live(tmp_path):
     """Smoke scale on the real asset: SmolLM2 block 19 on the packaged corpus, a few steps."""
     config = ActivationConfig(context_length=32, batch_contexts=8)

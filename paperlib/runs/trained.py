@@ -40,14 +40,16 @@ class TrainedRun:
     key: str  # the store key: a stable id of this run (e.g. for explanation caches)
 
 
-def _pack(bank: SAEBank, history, checkpoints: Mapping[int, Tensor]) -> dict[str, Tensor]:
+def pack_run(bank: SAEBank, history, checkpoints: Mapping[int, Tensor]) -> dict[str, Tensor]:
+    """A bank's state, its logged columns and decoder snapshots as the tensors of one store entry."""
     tensors = {_STATE + name: value for name, value in bank.state_dict().items()}
     tensors.update({_HISTORY + name: torch.as_tensor(np.asarray(value)) for name, value in history.items()})
     tensors.update({f"{_CHECKPOINT}{step}": value for step, value in checkpoints.items()})
     return tensors
 
 
-def _unpack(sae: SAEConfig, tensors: Mapping[str, Tensor], key: str) -> TrainedRun:
+def unpack_run(sae: SAEConfig, tensors: Mapping[str, Tensor], key: str) -> TrainedRun:
+    """The run an entry written from ``pack_run`` holds, its bank rebuilt from ``sae``."""
     bank = SAEBank(sae)
     bank.load_state_dict({n[len(_STATE) :]: t for n, t in tensors.items() if n.startswith(_STATE)})
     history = {n[len(_HISTORY) :]: t.numpy() for n, t in tensors.items() if n.startswith(_HISTORY)}
@@ -82,10 +84,10 @@ def trained_bank(
         x = data() if callable(data) else data
         bank = SAEBank(sae)
         history = train(bank, x, schedule, callbacks=callbacks, progress=progress, device=target)
-        return _pack(bank.cpu(), history.columns, history.checkpoints), {"architecture": sae.architecture}
+        return pack_run(bank.cpu(), history.columns, history.checkpoints), {"architecture": sae.architecture}
 
     entry = store.cached(namespace, config, compute)
-    return _unpack(sae, entry.tensors, key)
+    return unpack_run(sae, entry.tensors, key)
 
 
 @torch.no_grad()

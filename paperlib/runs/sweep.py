@@ -1,0 +1,153 @@
+"""A sweep of SAE configurations trained from one activation stream, split into jobs that run where submitit
+reaches: SLURM, subprocesses on this machine, or this process.
+
+Paper A's authors trained their 144 SAEs as 8 SLURM jobs of 18 SAEs sharing one activation buffer. Here
+``sweep_runs(stream, members, jobs=8, executor="slurm", folder=...)`` does the same with any configurations:
+
+* the members are split into ``jobs`` groups, in order; each job rebuilds the stream from its ``StreamSpec`` (a
+  stream object does not travel to another machine) and trains its group with ``train_many``: one pass over
+  the stream feeds the whole group;
+* every member is an entry of the store, keyed by the stream, its SAE and schedule and the device type (like
+  ``runs.trained.trained_bank``), so a finished configuration is never trained again, by this sweep or another,
+  and jobs on other machines share results through a store on a shared filesystem (``store``'s root);
+* each member checkpoints into the store (``train_state/<key>/``) at its ``checkpoint_fractions`` (at quarters
+  when it has none), so a killed or timed-out job, submitted again, resumes where its checkpoints left it;
+* ``executor``: ``"slurm"`` (``slurm`` = submitit's parameters, e.g. ``{"slurm_partition": "gpu",
+  "gpus_per_node": 1, "cpus_per_task": 8, "timeout_min": 720}``), ``"local"`` (the same jobs as subprocesses of
+  this machine: submitit's local executor, whose default time limit would kill a job after 2 minutes, so
+  ``timeout_min`` is set from ``slurm`` or to a day), or ``"inline"`` (in this process, one job after another:
+  no submitit needed). ``folder`` keeps submitit's job files: scripts, pickled calls, stdout and stderr logs.
+
+``sweep_runs`` waits for every job and returns the members' ``TrainedRun``s in order; a failed job raises with
+its log's path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paperlib.runs.trained import TrainedRun, pack_run, unpack_run
+from paperlib.runtime import resolve_device
+from paperlib.sae.bank import SAEBank, SAEConfig
+from paperlib.sae.train import TrainConfig, train_many
+from paperlib.sources.activations import ActivationConfig
+from paperlib.sources.stream import ModelStream, RowStream, TensorStream
+from paperlib.store import Store
+
+NAMESPACE = "sweep"
+RESUME_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # checkpoints of a member whose schedule has none
+EXECUTORS = ("inline", "local", "slurm")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a job builds its stream from: a live model (``activations``, ``block`` contexts per block) or the rows
+    of a ``.npy`` file (``rows``, a path every job can read; ``block`` rows per block), and the shuffle seed."""
+
+    activations: ActivationConfig | None = None
+    rows: str | None = None
+    block: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.activations is None) == (self.rows is None):
+            raise ValueError("StreamSpec takes exactly one source: activations=ActivationConfig(...) or rows=PATH.npy")
+
+    def build(self, store: Store) -> RowStream:
+        if self.activations is not None:
+            return ModelStream(self.activations, block_contexts=self.block, seed=self.seed, store=store)
+        path = Path(str(self.rows))
+        if not path.is_file():
+            raise ValueError(
+                f"StreamSpec.rows: no file {path}; give the path of a .npy file of rows every job can read"
+            )
+        return TensorStream(np.load(path, mmap_mode="r"), block_rows=self.block, seed=self.seed)
+
+
+def _key(spec: StreamSpec, sae: SAEConfig, schedule: TrainConfig, device: str) -> dict[str, Any]:
+    return {"stream": spec, "sae": sae, "train": schedule, "device": device}
+
+
+def sweep_runs(
+    stream: StreamSpec,
+    members: Sequence[tuple[SAEConfig, TrainConfig]],
+    *,
+    jobs: int = 1,
+    executor: str = "inline",
+    folder: str | Path = "sweep_jobs",
+    slurm: dict[str, Any] | None = None,
+    store: Store | None = None,
+    device: str | None = None,
+) -> list[TrainedRun]:
+    """Every member ``(sae, schedule)`` trained from ``stream``, from the store where it was trained before; the
+    rest trained in ``jobs`` jobs by ``executor`` (module docstring). ``device``: where each job trains
+    (default: that machine's ``paperlib.device()``); it is part of the key, so give it when jobs run elsewhere."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    store = store or Store()
+    device = device or resolve_device(None, "device").type
+    keys = [_key(stream, sae, schedule, device) for sae, schedule in members]
+    todo = [i for i, key in enumerate(keys) if store.load(NAMESPACE, key) is None]
+    groups = [g for g in (todo[j * len(todo) // jobs : (j + 1) * len(todo) // jobs] for j in range(jobs)) if g]
+    calls = [(stream, [members[i] for i in group], str(store.root), device) for group in groups]
+    if executor == "inline":
+        for call in calls:
+            train_group(*call)
+    elif calls:
+        _submit(calls, executor, Path(folder), dict(slurm or {}))
+    runs = []
+    for (sae, _), key in zip(members, keys):
+        entry = store.load(NAMESPACE, key)
+        if entry is None:
+            raise RuntimeError(f"the sweep's jobs ended without storing {sae}; see their logs in {folder}")
+        runs.append(unpack_run(sae, entry.tensors, entry.path.name))
+    return runs
+
+
+def _submit(calls: list[tuple], executor: str, folder: Path, parameters: dict[str, Any]) -> None:
+    import submitit
+
+    pool = submitit.AutoExecutor(folder=folder, cluster=executor)
+    parameters.setdefault("timeout_min", 24 * 60)  # submitit's own default would stop a local job after 2 minutes
+    pool.update_parameters(**parameters)
+    submitted = [pool.submit(train_group, *call) for call in calls]
+    for job in submitted:
+        try:
+            job.result()
+        except Exception as exc:
+            raise RuntimeError(
+                f"sweep job {job.job_id} failed: {exc}; its logs: {job.paths.stdout} and {job.paths.stderr}"
+            ) from exc
+
+
+def train_group(spec: StreamSpec, members: list[tuple[SAEConfig, TrainConfig]], root: str, device: str) -> list[str]:
+    """One job: the members not stored yet, trained in lockstep from the stream, each stored when done; returns
+    their entries' paths. Checkpoints go to ``<root>/train_state/<key>/`` and are removed once the entry exists."""
+    store = Store(root)
+    pending = [(sae, s) for sae, s in members if store.load(NAMESPACE, _key(spec, sae, s, device)) is None]
+    if not pending:
+        return []
+    banks = [SAEBank(sae) for sae, _ in pending]
+    directories = [store.root / "train_state" / store.path(NAMESPACE, _key(spec, *m, device)).name for m in pending]
+    cfgs = [
+        replace(s, checkpoint_fractions=s.checkpoint_fractions or RESUME_FRACTIONS, checkpoint_dir=str(directory))
+        for (_, s), directory in zip(pending, directories)
+    ]
+    resumed = [(directory / "train_state.pt").exists() for directory in directories]
+    histories = train_many(banks, spec.build(store), cfgs, progress=False, device=torch.device(device))
+    paths = []
+    for (sae, schedule), bank, history, directory, was_resumed in zip(pending, banks, histories, directories, resumed):
+        tensors = pack_run(bank.cpu(), history.columns, history.checkpoints)
+        meta = {"architecture": sae.architecture, "resumed": was_resumed}
+        paths.append(str(store.save(NAMESPACE, _key(spec, sae, schedule, device), tensors, meta).path))
+        shutil.rmtree(directory, ignore_errors=True)  # the entry exists: its checkpoints are spent
+    return paths
