@@ -12,9 +12,9 @@ cost
     ``stream_cost`` = the median in-memory tokens/s / the median stream tokens/s (the goal: <= 1.10).
 memory
     ``ModelStream`` (the packaged SmolLM2, block 19, packaged Wikipedia, contexts of 128, blocks of 32 contexts)
-    feeding a TopK bank (d 576, 1,152 latents, k 32) at two token budgets 16x apart, each in a fresh subprocess:
+    feeding a TopK bank (d 576, 1,152 latents, k 32) at three token budgets 4x apart, each in a fresh subprocess:
     the process's peak resident memory (``VmHWM``) beside the size the same rows would take as one float32
-    tensor. The goal: the same peak at both budgets.
+    tensor. The goal: the same peak at every budget.
 
 The load average is recorded with every run; the JSON is written atomically after every measurement.
 """
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ROWS, D, LATENTS, K, SEEDS, BATCH, LR = 262_144, 576, 1152, 32, 3, 1024, 4e-3
-LIVE_BATCH, LIVE_BUDGETS = 512, (16, 256)  # steps of the two ModelStream runs (16x apart)
+LIVE_BATCH, LIVE_BUDGETS = 512, (16, 64, 256)  # steps of the ModelStream runs (4x apart)
 
 
 def _peak_rss_mib() -> float:
