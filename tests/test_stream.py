@@ -155,7 +155,7 @@ def test_banks_in_lockstep_end_as_each_would_alone_and_read_each_batch_once(caps
         assert a["step"].tolist() == b["step"].tolist() and np.array_equal(a["loss"], b["loss"])
     # 12 steps x 40 rows = 480 rows = blocks 0..7, each read once (block 0 also for the first slice)
     assert requested == [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]
-    assert "5 SAEs in 3 banks need about" in capsys.readouterr().out
+    assert "5 SAEs in 3 banks, about" in capsys.readouterr().out
 
 
 def test_banks_that_do_not_fit_together_take_one_pass_each(capsys):

@@ -420,9 +420,8 @@ def _passes(
         used += need
     if progress:
         print(
-            f"train_many: {_count(sum(bank.cfg.n_seeds for bank in banks), 'SAE')} in {_count(len(banks), 'bank')} "
-            "need about "
-            f"{sum(needs) / 2**30:.2f} GiB to train on {device} (limit {limit / 2**30:.2f} GiB): "
+            f"train_many: {_count(sum(bank.cfg.n_seeds for bank in banks), 'SAE')} in {_count(len(banks), 'bank')}, "
+            f"about {sum(needs) / 2**30:.2f} GiB to train on {device} (limit {limit / 2**30:.2f} GiB): "
             f"{_count(len(passes), 'pass', 'passes')} over the stream"
         )
     return passes
