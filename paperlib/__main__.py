@@ -1,4 +1,4 @@
-"""Command line: ``python -m paperlib consistency RUN RUN ...``, ``python -m paperlib cache info|clean``.
+"""Command line: ``python -m paperlib consistency RUN RUN ...``, ``sweep FILE``, ``cache info|clean``.
 
 ``consistency`` reads the decoder of every RUN (any layout ``paperlib.interop.read_decoder`` knows:
 paperlib, SAELens, sparsify, dictionary_learning), matches every pair of runs exactly and reports
@@ -10,6 +10,8 @@ their slot, at every size; ``--drop-dead`` leaves them out instead. ``--json`` p
 FILE`` writes, the whole result as a versioned document (``paperlib.metrics.consistency_json``: complete
 matchings, per-latent stability, provenance); ``consistency show FILE`` reads one back, checks it
 against its schema and the weight files still present, and prints the table.
+
+``sweep FILE`` trains the configurations of a sweep file from one stream as jobs (``paperlib.runs.sweep``).
 
 ``cache info`` lists entries per namespace and the temporary files interrupted writes left behind;
 ``cache clean`` removes those older than ``--max-age`` minutes (the store also does so when opened).
@@ -80,6 +82,21 @@ def _parser() -> argparse.ArgumentParser:
         help="cosines at which per-latent stability is reported (default %(default)s)",
     )
     cons.set_defaults(func=_consistency)
+    sweep = sub.add_parser(
+        "sweep",
+        help="train a sweep of SAE configurations from one activation stream, as jobs",
+        description="Train every configuration of a sweep file (YAML or JSON: stream, members, and optionally "
+        "jobs, executor, folder, slurm, device; README, 'A sweep as jobs') from one stream, split into jobs run "
+        "inline, as local subprocesses or on SLURM. Configurations already in the store are not trained again; "
+        "a killed job resumes from its checkpoints when the same command runs again.",
+    )
+    sweep.add_argument("file", metavar="FILE", help="the sweep file")
+    sweep.add_argument("--executor", choices=("inline", "local", "slurm"), help="overrides the file's executor")
+    sweep.add_argument("--jobs", type=int, metavar="N", help="overrides the file's number of jobs")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="list the members and which are stored already; train nothing"
+    )
+    sweep.set_defaults(func=_sweep)
     cache = sub.add_parser("cache", help="inspect the result cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     info = cache_sub.add_parser("info", help="cache root, and entries and size per namespace")
@@ -246,6 +263,41 @@ def _table(doc: dict) -> str:
         cells = [f"{t:g}", f"{mean:.3f}", f"{every:.3f}"] + ([] if c is None else [f"{c:.3f}"])
         lines.append("  " + " ".join(cell.rjust(9) for cell in cells))
     return "\n".join(lines)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from paperlib.runs.sweep import read_sweep, stored, sweep_runs
+
+    try:
+        plan = read_sweep(args.file)
+        plan = replace(plan, **{k: v for k, v in (("executor", args.executor), ("jobs", args.jobs)) if v is not None})
+        done = stored(plan.stream, plan.members, device=plan.device)
+        print(
+            f"{args.file}: {len(plan.members)} configurations, {sum(done)} stored already; "
+            f"{plan.jobs} job(s), executor {plan.executor}"
+        )
+        if args.dry_run:
+            for i, ((sae, cfg), is_stored) in enumerate(zip(plan.members, done)):
+                what = f"{sae.architecture} {sae.d_model}x{sae.n_latents}, {sae.n_seeds} seed(s), {cfg.steps} steps"
+                print(f"  [{i}] {what}: {'stored' if is_stored else 'to train'}")
+            return 0
+        runs = sweep_runs(
+            plan.stream,
+            plan.members,
+            jobs=plan.jobs,
+            executor=plan.executor,
+            folder=plan.folder,
+            slurm=plan.slurm,
+            device=plan.device,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    for i, ((sae, _), run) in enumerate(zip(plan.members, runs)):
+        fvu, l0 = run.history["fvu"][-1].mean(), run.history["l0"][-1].mean()
+        print(f"  [{i}] {sae.architecture} {sae.d_model}x{sae.n_latents}: FVU {fvu:.4f}, L0 {l0:.1f}  ({run.key})")
+    return 0
 
 
 def _size(path: Path) -> int:

@@ -2,6 +2,8 @@
 local executor) gives each member the weights it would get alone, never trains a stored member again, and a
 killed job resumes from its checkpoints when the sweep is run again."""
 
+import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -95,3 +97,70 @@ def test_bad_sweep_inputs_are_refused_with_the_fix(tmp_path):
         sweep_runs(spec, MEMBERS, executor="kubernetes", store=Store(tmp_path))
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
         sweep_runs(spec, MEMBERS, jobs=0, store=Store(tmp_path))
+
+
+def write_sweep(path: Path, spec: StreamSpec, **extra) -> Path:
+    members = [
+        {"sae": {"architecture": "topk", "d_model": 8, "n_latents": 16, "k": 3, "n_seeds": 2, "seed": 1},
+         "train": {"steps": 10, "lr": 1e-3, "batch_size": 32, "log_every": 5, "stats_rows": 64}},
+        {"sae": {"architecture": "relu", "d_model": 8, "n_latents": 24, "seed": 2, "l1_coeff": 1e-3},
+         "train": {"steps": 10, "lr": 3e-3, "batch_size": 32, "log_every": 5, "stats_rows": 64}},
+    ]  # fmt: skip
+    path.write_text(json.dumps({"stream": {"rows": spec.rows, "block": 64}, "members": members, **extra}))
+    return path
+
+
+def test_the_cli_trains_a_sweep_file_and_reports_what_is_stored(spec, tmp_path, monkeypatch, capsys):
+    from paperlib.__main__ import main
+
+    monkeypatch.setenv("PAPERLIB_CACHE", str(tmp_path / "store"))
+    file = write_sweep(tmp_path / "sweep.json", spec, jobs=2, device="cpu")
+    assert main(["sweep", str(file), "--dry-run"]) == 0
+    assert "2 configurations, 0 stored already" in capsys.readouterr().out
+    assert main(["sweep", str(file)]) == 0
+    out = capsys.readouterr().out
+    assert "[0] topk 8x16: FVU" in out and "[1] relu 8x24: FVU" in out
+    assert main(["sweep", str(file), "--dry-run"]) == 0
+    assert "2 stored already" in capsys.readouterr().out
+    for run, (sae, schedule) in zip(sweep_runs(spec, MEMBERS[:2], store=Store(tmp_path / "store"), device="cpu"),
+                                    MEMBERS[:2]):  # fmt: skip
+        assert_same_state(run.bank, alone(spec, sae, schedule))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("[1, 2]", "expected a mapping with stream and members"),
+        ('{"stream": {"rows": "x.npy"}, "members": [], "jobz": 2}', "expected a mapping with stream and members"),
+        ('{"stream": {"rows": "x.npy"}, "members": []}', "members must be a non-empty list"),
+        ('{"stream": {"rows": "x.npy"}, "members": [{"sae": {}}]}', r"members\[0\] must be \{sae"),
+        (
+            '{"stream": {"rows": "x.npy"}, "members": [{"sae": {"architecture": "topk", "d_model": 4, '
+            '"n_latents": 8, "kk": 2}, "train": {"steps": 1}}]}',
+            r"members\[0\]\.sae: .*kk",
+        ),
+        (
+            '{"stream": {"activations": {"layr": 3}}, "members": [{"sae": {}, "train": {}}]}',
+            "stream.activations: .*layr",
+        ),
+        ("{not json", "cannot read it"),
+    ],
+)
+def test_a_bad_sweep_file_is_refused_naming_the_file_and_field(tmp_path, capsys, content, message):
+    from paperlib.__main__ import main
+
+    file = tmp_path / "bad.yaml"
+    file.write_text(content)
+    assert main(["sweep", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert str(file) in err and re.search(message, err), err
+
+
+def test_the_shipped_example_sweep_reads_and_plans(tmp_path, monkeypatch, capsys):
+    from paperlib.__main__ import main
+
+    monkeypatch.setenv("PAPERLIB_CACHE", str(tmp_path))
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
+    assert main(["sweep", str(example), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 configurations, 0 stored already" in out and "[1] relu 576x1152, 3 seed(s), 4688 steps: to train" in out

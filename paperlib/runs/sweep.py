@@ -25,8 +25,8 @@ its log's path.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,65 @@ def _key(spec: StreamSpec, sae: SAEConfig, schedule: TrainConfig, device: str) -
     return {"stream": spec, "sae": sae, "train": schedule, "device": device}
 
 
+@dataclass(frozen=True)
+class SweepFile:
+    """A sweep as written in a YAML or JSON file for ``python -m paperlib sweep FILE`` (README: the format)."""
+
+    stream: StreamSpec
+    members: list[tuple[SAEConfig, TrainConfig]]
+    jobs: int = 1
+    executor: str = "inline"
+    folder: str = "sweep_jobs"
+    slurm: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+
+
+def read_sweep(path: str | Path) -> SweepFile:
+    """The sweep in ``path``: ``stream`` ({activations: {ActivationConfig fields}} or {rows: PATH}, plus ``block``
+    and ``seed``), ``members`` (a list of {sae: {SAEConfig fields}, train: {TrainConfig fields}}), and optionally
+    ``jobs``, ``executor``, ``folder``, ``slurm`` and ``device``. Every problem names the file and the field."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"sweep file {path}: cannot read it ({exc})") from exc
+    allowed = {f for f in SweepFile.__dataclass_fields__}
+    if not isinstance(raw, dict) or not {"stream", "members"} <= set(raw) or set(raw) - allowed:
+        raise ValueError(
+            f"sweep file {path}: expected a mapping with stream and members, and optionally jobs, executor, folder, "
+            f"slurm, device; got {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
+        )
+
+    def build(kind: Callable[..., Any], fields: Any, where: str) -> Any:
+        if not isinstance(fields, dict):
+            raise ValueError(f"sweep file {path}: {where} must be a mapping of {kind.__name__} fields, got {fields!r}")
+        try:
+            return kind(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sweep file {path}: {where}: {exc}") from exc
+
+    stream = dict(raw["stream"]) if isinstance(raw["stream"], dict) else raw["stream"]
+    if isinstance(stream, dict) and isinstance(stream.get("activations"), dict):
+        stream["activations"] = build(ActivationConfig, stream["activations"], "stream.activations")
+    members = raw["members"]
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"sweep file {path}: members must be a non-empty list of {{sae: ..., train: ...}}")
+    for i, member in enumerate(members):
+        if not isinstance(member, dict) or set(member) != {"sae", "train"}:
+            raise ValueError(
+                f"sweep file {path}: members[{i}] must be {{sae: {{...}}, train: {{...}}}}, got {member!r}"
+            )
+    return SweepFile(
+        stream=build(StreamSpec, stream, "stream"),
+        members=[
+            (build(SAEConfig, m["sae"], f"members[{i}].sae"), build(TrainConfig, m["train"], f"members[{i}].train"))
+            for i, m in enumerate(members)
+        ],
+        **{k: raw[k] for k in ("jobs", "executor", "folder", "slurm", "device") if k in raw},
+    )
+
+
 def sweep_runs(
     stream: StreamSpec,
     members: Sequence[tuple[SAEConfig, TrainConfig]],
@@ -96,7 +155,7 @@ def sweep_runs(
     store = store or Store()
     device = device or resolve_device(None, "device").type
     keys = [_key(stream, sae, schedule, device) for sae, schedule in members]
-    todo = [i for i, key in enumerate(keys) if store.load(NAMESPACE, key) is None]
+    todo = [i for i, done in enumerate(stored(stream, members, store=store, device=device)) if not done]
     groups = [g for g in (todo[j * len(todo) // jobs : (j + 1) * len(todo) // jobs] for j in range(jobs)) if g]
     calls = [(stream, [members[i] for i in group], str(store.root), device) for group in groups]
     if executor == "inline":
@@ -111,6 +170,19 @@ def sweep_runs(
             raise RuntimeError(f"the sweep's jobs ended without storing {sae}; see their logs in {folder}")
         runs.append(unpack_run(sae, entry.tensors, entry.path.name))
     return runs
+
+
+def stored(
+    stream: StreamSpec,
+    members: Sequence[tuple[SAEConfig, TrainConfig]],
+    *,
+    store: Store | None = None,
+    device: str | None = None,
+) -> list[bool]:
+    """Whether each member is in the store already (then ``sweep_runs`` only loads it)."""
+    store = store or Store()
+    device = device or resolve_device(None, "device").type
+    return [store.load(NAMESPACE, _key(stream, sae, schedule, device)) is not None for sae, schedule in members]
 
 
 def _submit(calls: list[tuple], executor: str, folder: Path, parameters: dict[str, Any]) -> None:
