@@ -152,6 +152,11 @@ def sweep_runs(
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if executor == "slurm" and device is None:
+        raise ValueError(
+            "name the device SLURM jobs train on (device='cuda' or 'cpu'; `device:` in a sweep file): this "
+            "machine's, which would be the default, need not be the nodes'"
+        )
     store = store or Store()
     device = device or resolve_device(None, "device").type
     keys = [_key(stream, sae, schedule, device) for sae, schedule in members]
