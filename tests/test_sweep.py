@@ -97,6 +97,8 @@ def test_bad_sweep_inputs_are_refused_with_the_fix(tmp_path):
         sweep_runs(spec, MEMBERS, executor="kubernetes", store=Store(tmp_path))
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
         sweep_runs(spec, MEMBERS, jobs=0, store=Store(tmp_path))
+    with pytest.raises(ValueError, match=r"the same batch_size \(not None\), got \[32, 64\]"):
+        sweep_runs(spec, [MEMBERS[0], (MEMBERS[1][0], replace(BASE, batch_size=64))], store=Store(tmp_path))
     with pytest.raises(ValueError, match="name the device SLURM jobs train on"):
         sweep_runs(spec, MEMBERS, executor="slurm", store=Store(tmp_path))
 

@@ -152,6 +152,11 @@ def sweep_runs(
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    sizes = sorted({schedule.batch_size for _, schedule in members}, key=lambda size: (size is None, size or 0))
+    if len(sizes) != 1 or sizes[0] is None:
+        raise ValueError(
+            f"a sweep's members share batches: give every schedule the same batch_size (not None), got {sizes}"
+        )
     if executor == "slurm" and device is None:
         raise ValueError(
             "name the device SLURM jobs train on (device='cuda' or 'cpu'; `device:` in a sweep file): this "
