@@ -16,7 +16,13 @@ memory
     the process's peak resident memory (``VmHWM``) beside the size the same rows would take as one float32
     tensor. The goal: the same peak at every budget.
 
-The load average is recorded with every run; the JSON is written atomically after every measurement.
+lockstep
+    The same live stream feeding three TopK banks (k = 16, 32, 64) through ``train_many``, one forward per batch for
+    all three, against one bank alone, ``LOCKSTEP_STEPS`` steps each: ``lockstep_over_separate`` = the three banks'
+    seconds / three times one bank's (what three separate runs, each with its own forward, would take).
+
+``--parts`` runs some of these and keeps the others from ``--out``. The load average is recorded with every run;
+the JSON is written atomically after every measurement.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ROWS, D, LATENTS, K, SEEDS, BATCH, LR = 262_144, 576, 1152, 32, 3, 1024, 4e-3
 LIVE_BATCH, LIVE_BUDGETS = 512, (16, 64, 256)  # steps of the ModelStream runs (4x apart)
+LOCKSTEP_K, LOCKSTEP_STEPS = (16, 32, 64), 64  # the lockstep part: three TopK banks from one live stream
 
 
 def _peak_rss_mib() -> float:
@@ -53,12 +61,12 @@ def _child(kind: str, argument: str, steps: int) -> dict:
     import torch
 
     from paperlib.sae.bank import SAEBank, SAEConfig
-    from paperlib.sae.train import TrainConfig, train
+    from paperlib.sae.train import TrainConfig, train, train_many
     from paperlib.sources.activations import ActivationConfig
     from paperlib.sources.stream import ModelStream, TensorStream
 
     torch.manual_seed(0)
-    batch = LIVE_BATCH if kind == "live" else BATCH
+    batch = LIVE_BATCH if kind.startswith("live") else BATCH
     # the same evaluation rows for both (the first 16,384; eval_rows=None would evaluate on all rows in memory)
     cfg = TrainConfig(
         steps=steps, lr=LR, batch_size=batch, normalize=True, log_every=10**9, stats_rows=16_384, eval_rows=16_384
@@ -73,8 +81,12 @@ def _child(kind: str, argument: str, steps: int) -> dict:
         cfg = TrainConfig(
             steps=steps, lr=LR, batch_size=batch, normalize=True, log_every=10**9, stats_rows=2048, eval_rows=2048
         )
-    bank = SAEBank(SAEConfig("topk", D, LATENTS, k=K, n_seeds=1 if kind == "live" else SEEDS))
-    history = train(bank, data, cfg, progress=False, device="cpu")
+    if kind == "live-lockstep":  # three banks from the one stream: TopK at k = 16, 32, 64
+        banks = [SAEBank(SAEConfig("topk", D, LATENTS, k=k)) for k in LOCKSTEP_K]
+        history = train_many(banks, data, [cfg] * len(banks), progress=False, device="cpu")[1]
+    else:
+        bank = SAEBank(SAEConfig("topk", D, LATENTS, k=K, n_seeds=1 if kind == "live" else SEEDS))
+        history = train(bank, data, cfg, progress=False, device="cpu")
     seconds = time.perf_counter() - start
     return {
         "kind": kind,
@@ -102,6 +114,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stream.json")
+    ap.add_argument(
+        "--parts", default="cost,memory,lockstep", help="comma-separated parts to run; the others are kept from --out"
+    )
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
@@ -114,38 +129,53 @@ def main() -> None:
     from paperlib.atomic import write_text
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    result: dict = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
-        "config": {"rows": ROWS, "d": D, "latents": LATENTS, "k": K, "seeds": SEEDS, "batch": BATCH, "lr": LR},
-        "cost": [],
-        "memory": [],
-    }
+    parts = set(args.parts.split(","))
+    if parts - {"cost", "memory", "lockstep"}:
+        ap.error(f"--parts takes cost, memory and lockstep, got {args.parts!r}")
+    result: dict = json.loads(args.out.read_text()) if parts != {"cost", "memory", "lockstep"} else {}
+    result.update(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        machine={"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
+        config={"rows": ROWS, "d": D, "latents": LATENTS, "k": K, "seeds": SEEDS, "batch": BATCH, "lr": LR},
+    )
 
     def save() -> None:
         write_text(args.out, json.dumps(result, indent=2) + "\n")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = Path(tmp) / "rows.npy"
-        generator = np.random.default_rng(0)
-        np.save(rows, (generator.standard_normal((ROWS, D), dtype=np.float32) + 0.5).astype(np.float16))
-        for _ in range(args.repeats):
-            for kind in ("memory", "stream"):
-                result["cost"].append(_run(kind, str(rows), args.steps))
-                print(json.dumps(result["cost"][-1])[:300], flush=True)
-                save()
-    rates = {
-        kind: statistics.median(r["tokens_per_s"] for r in result["cost"] if r["kind"] == kind and "error" not in r)
-        for kind in ("memory", "stream")
-    }
-    result["stream_cost"] = round(rates["memory"] / rates["stream"], 3)
-    for steps in LIVE_BUDGETS:
-        run = _run("live", "-", steps)
-        run["as_one_fp32_tensor_mib"] = steps * LIVE_BATCH * D * 4 / 2**20
-        result["memory"].append(run)
+    def measure(part: str, kind: str, argument: str, steps: int, **extra: Any) -> dict:
+        run = {**_run(kind, argument, steps), **extra}
+        result[part].append(run)
         print(json.dumps(run)[:300], flush=True)
         save()
-    print(f"stream_cost {result['stream_cost']}; peak RSS {[r.get('peak_rss_mib') for r in result['memory']]} MiB")
+        return run
+
+    if "cost" in parts:
+        result["cost"] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = Path(tmp) / "rows.npy"
+            generator = np.random.default_rng(0)
+            np.save(rows, (generator.standard_normal((ROWS, D), dtype=np.float32) + 0.5).astype(np.float16))
+            for _ in range(args.repeats):
+                for kind in ("memory", "stream"):
+                    measure("cost", kind, str(rows), args.steps)
+        rates = {
+            kind: statistics.median(r["tokens_per_s"] for r in result["cost"] if r["kind"] == kind and "error" not in r)
+            for kind in ("memory", "stream")
+        }
+        result["stream_cost"] = round(rates["memory"] / rates["stream"], 3)
+        print(f"stream_cost {result['stream_cost']}")
+    if "memory" in parts:
+        result["memory"] = []
+        for steps in LIVE_BUDGETS:
+            measure("memory", "live", "-", steps, as_one_fp32_tensor_mib=steps * LIVE_BATCH * D * 4 / 2**20)
+        print(f"peak RSS {[r.get('peak_rss_mib') for r in result['memory']]} MiB")
+    if "lockstep" in parts:
+        result["lockstep"] = []
+        one = measure("lockstep", "live", "-", LOCKSTEP_STEPS)
+        many = measure("lockstep", "live-lockstep", "-", LOCKSTEP_STEPS, k=list(LOCKSTEP_K))
+        if "error" not in one and "error" not in many:
+            result["lockstep_over_separate"] = round(many["seconds"] / (len(LOCKSTEP_K) * one["seconds"]), 3)
+            print(f"lockstep / separate runs: {result['lockstep_over_separate']}")
 
 
 if __name__ == "__main__":
