@@ -176,6 +176,7 @@ def main() -> None:
         if "error" not in one and "error" not in many:
             result["lockstep_over_separate"] = round(many["seconds"] / (len(LOCKSTEP_K) * one["seconds"]), 3)
             print(f"lockstep / separate runs: {result['lockstep_over_separate']}")
+    save()  # with the ratios
 
 
 if __name__ == "__main__":
