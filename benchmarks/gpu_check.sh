@@ -7,6 +7,8 @@
 #   tests        pytest.log: tests/test_sae.py tests/test_train.py -x, on the GPU (paperlib's default)
 #   bench        bench.log and train_throughput.<gpu>.json: benchmarks/train_throughput.py --device cuda
 #                at 768x16384, then 576x4096 while time is left (its JSON is rewritten per measurement)
+#   sweep        sweep.log and sweep_throughput.<gpu>.json: benchmarks/sweep_throughput.py --device cuda, paper
+#                A's 144 SAEs (48 banks) at 768x16384 in lockstep from one stream, and the hours for 500M tokens
 #   notebooks    notebooks.log, notebooks.json: the default-profile notebooks, device auto, timed each,
 #                while GPU_CHECK_NOTEBOOK_BUDGET lasts (papermill where it imports, else an in-process
 #                runner of the code cells; 06-11 need the LLM assets, which do not travel: skipped)
@@ -19,7 +21,8 @@
 #   downloads the peers' wheels (pins: requirements/bench-train-peers.txt; only what the GPU image
 #   lacks, for its Python 3.12; ~1 MB for sparsify, ~40 MB with sae-lens) into .whl/ (ignored through
 #   .git/info/exclude); carry .whl with the call (benchmarks/README.md has the command).
-# Environment: GPU_CHECK_BUDGET (450 s, the whole script), GPU_CHECK_BENCH_BUDGET (240), GPU_CHECK_NOTEBOOK_BUDGET
+# Environment: GPU_CHECK_BUDGET (450 s, the whole script), GPU_CHECK_BENCH_BUDGET (240), GPU_CHECK_SWEEP_BUDGET
+#   (150), GPU_CHECK_NOTEBOOK_BUDGET
 #   (150), GPU_CHECK_SIZES ("768x16384 576x4096"), GPU_CHECK_STEPS (200), GPU_CHECK_NOTEBOOKS (the five organism
 #   notebooks; empty: none), GPU_CHECK_PROFILE (default), GPU_CHECK_PAPERMILL=0 (the in-process runner even where
 #   papermill imports), GPU_CHECK_WHEELS (.whl), PYTHON (python3: on the GPU machine, the image's Python with
@@ -100,6 +103,7 @@ mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 BUDGET=${GPU_CHECK_BUDGET:-450}
 NOTEBOOK_BUDGET=${GPU_CHECK_NOTEBOOK_BUDGET:-150}
 BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-240}
+SWEEP_BUDGET=${GPU_CHECK_SWEEP_BUDGET:-150}
 SIZES=${GPU_CHECK_SIZES:-768x16384 576x4096}
 STEPS=${GPU_CHECK_STEPS:-200}
 NOTEBOOKS=${GPU_CHECK_NOTEBOOKS-01_matched_organism 02_k_sweep 03_capacity_regimes 04_zipfian
@@ -207,6 +211,11 @@ DEVICE=(--device cuda)
 stage bench "$BENCH_BUDGET" "$OUTDIR/bench.log" "$PYTHON" benchmarks/train_throughput.py "${DEVICE[@]}" --sizes $SIZES \
   --steps "$STEPS" --child-timeout 150
 find benchmarks/results -name 'train_throughput.*.json' -newer "$WORK/stamp" -exec cp {} "$OUTDIR/" \;
+
+SWEEP=(--device cuda)
+[[ $REHEARSE == 1 ]] && SWEEP=(--tiny --out "$OUTDIR/sweep_throughput.rehearsal.json")
+stage sweep "$SWEEP_BUDGET" "$OUTDIR/sweep.log" "$PYTHON" benchmarks/sweep_throughput.py "${SWEEP[@]}"
+find benchmarks/results -name 'sweep_throughput.*.json' -newer "$WORK/stamp" -exec cp {} "$OUTDIR/" \;
 
 cat >"$WORK/notebooks.py" <<'EOF'
 """Run one profile's notebooks one by one, each timed, while a budget lasts (gpu_check.sh)."""
