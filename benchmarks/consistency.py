@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- child side
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
     """Peak resident set size of this process (VmHWM; ru_maxrss can include the parent's
     pre-exec RSS on Linux, so it is only the fallback)."""
     try:
@@ -50,7 +50,7 @@ def _child(method: str, data_dir: str) -> None:
         from paperlib.metrics.matching import match
     a = np.load(os.path.join(data_dir, "a.npy"))
     b = np.load(os.path.join(data_dir, "b.npy"))
-    rss_load = _peak_rss_gb()
+    rss_load = peak_rss_gb()
     out: dict = {}
     t0 = time.perf_counter()
     if method == "paperlib":
@@ -87,7 +87,7 @@ def _child(method: str, data_dir: str) -> None:
             raise SystemExit(f"unknown method {method}")
         out.update(objective=float(w[r, c].sum()), cost_matrix_seconds=t_cost, certified=None)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_gb"] = _peak_rss_gb()
+    out["peak_rss_gb"] = peak_rss_gb()
     out["rss_after_load_gb"] = rss_load
     print("RESULT " + json.dumps(out))
 

@@ -42,18 +42,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from consistency import peak_rss_gb  # noqa: E402  (benchmarks/, this script's directory)
+
 ROWS, D, LATENTS, K, SEEDS, BATCH, LR = 262_144, 576, 1152, 32, 3, 1024, 4e-3
 LIVE_BATCH, LIVE_BUDGETS = 512, (16, 64, 256)  # steps of the ModelStream runs (4x apart)
 LOCKSTEP_K, LOCKSTEP_STEPS = (16, 32, 64), 64  # the lockstep part: three TopK banks from one live stream
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory: VmHWM, which starts afresh at exec (getrusage's ru_maxrss keeps the
-    forking parent's peak across exec on Linux, so a child would report at least the parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark's memory part needs Linux")
 
 
 def _child(kind: str, argument: str, steps: int) -> dict:
@@ -94,7 +87,7 @@ def _child(kind: str, argument: str, steps: int) -> dict:
         "batch": batch,
         "seconds": seconds,
         "tokens_per_s": steps * batch / seconds,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_gb() * 1024,  # VmHWM: ru_maxrss keeps the forking parent's peak across exec
         "final_fvu": [round(float(v), 4) for v in history.final("fvu")],
         "loadavg": list(os.getloadavg()),
     }

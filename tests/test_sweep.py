@@ -168,3 +168,12 @@ def test_the_shipped_example_sweep_reads_and_plans(tmp_path, monkeypatch, capsys
     assert main(["sweep", str(example), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 configurations, 0 stored already" in out and "[1] relu 576x1152, 3 seed(s), 4688 steps: to train" in out
+
+
+def test_a_rows_file_whose_content_changed_is_not_taken_for_the_old(spec, tmp_path):
+    store = Store(tmp_path / "store")
+    (first,) = sweep_runs(spec, MEMBERS[:1], store=store, device="cpu")
+    np.save(str(spec.rows), np.random.default_rng(1).standard_normal((400, 8), dtype=np.float32))  # same path
+    (second,) = sweep_runs(spec, MEMBERS[:1], store=store, device="cpu")
+    assert second.key != first.key
+    assert_same_state(second.bank, alone(spec, *MEMBERS[0]))  # trained on the new rows

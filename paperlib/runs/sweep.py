@@ -7,9 +7,10 @@ Paper A's authors trained their 144 SAEs as 8 SLURM jobs of 18 SAEs sharing one 
 * the members are split into ``jobs`` groups, in order; each job rebuilds the stream from its ``StreamSpec`` (a
   stream object does not travel to another machine) and trains its group with ``train_many``: one pass over
   the stream feeds the whole group;
-* every member is an entry of the store, keyed by the stream, its SAE and schedule and the device type (like
-  ``runs.trained.trained_bank``), so a finished configuration is never trained again, by this sweep or another,
-  and jobs on other machines share results through a store on a shared filesystem (``store``'s root);
+* every member is an entry of the store, keyed by the stream (for stored rows also the file's SHA-256), its SAE
+  and schedule and the device type (like ``runs.trained.trained_bank``), so a finished configuration is never
+  trained again, by this sweep or another, and jobs on other machines share results through a store on a shared
+  filesystem (``store``'s root);
 * each member checkpoints into the store (``train_state/<key>/``) at its ``checkpoint_fractions`` (at quarters
   when it has none), so a killed or timed-out job, submitted again, resumes where its checkpoints left it;
 * ``executor``: ``"slurm"`` (``slurm`` = submitit's parameters, e.g. ``{"slurm_partition": "gpu",
@@ -24,6 +25,7 @@ its log's path.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,7 +41,7 @@ from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import TrainConfig, train_many
 from paperlib.sources.activations import ActivationConfig
 from paperlib.sources.stream import ModelStream, RowStream, TensorStream
-from paperlib.store import Store
+from paperlib.store import Store, file_sha256
 
 NAMESPACE = "sweep"
 RESUME_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # checkpoints of a member whose schedule has none
@@ -63,16 +65,29 @@ class StreamSpec:
     def build(self, store: Store) -> RowStream:
         if self.activations is not None:
             return ModelStream(self.activations, block_contexts=self.block, seed=self.seed, store=store)
-        path = Path(str(self.rows))
-        if not path.is_file():
-            raise ValueError(
-                f"StreamSpec.rows: no file {path}; give the path of a .npy file of rows every job can read"
-            )
-        return TensorStream(np.load(path, mmap_mode="r"), block_rows=self.block, seed=self.seed)
+        _stamp(str(self.rows))  # refused with the fix when absent
+        return TensorStream(np.load(str(self.rows), mmap_mode="r"), block_rows=self.block, seed=self.seed)
 
 
 def _key(spec: StreamSpec, sae: SAEConfig, schedule: TrainConfig, device: str) -> dict[str, Any]:
-    return {"stream": spec, "sae": sae, "train": schedule, "device": device}
+    """A member's store key: for stored rows also their content, so a changed file is never taken for the old."""
+    rows = None if spec.rows is None else _content(spec.rows, *_stamp(spec.rows))
+    return {"stream": spec, "rows_sha256": rows, "sae": sae, "train": schedule, "device": device}
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """The rows file's size and modification time; refused with the fix where there is no such file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"StreamSpec.rows: no file {path}; give a .npy file of rows that every job can read")
+    found = file.stat()
+    return found.st_size, found.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _content(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, hashed once per process while its size and modification time stay (~1 GB/s)."""
+    return file_sha256(Path(path))
 
 
 @dataclass(frozen=True)
@@ -165,7 +180,8 @@ def sweep_runs(
     store = store or Store()
     device = device or resolve_device(None, "device").type
     keys = [_key(stream, sae, schedule, device) for sae, schedule in members]
-    todo = [i for i, done in enumerate(stored(stream, members, store=store, device=device)) if not done]
+    entries = [store.load(NAMESPACE, key) for key in keys]  # each read (and hash-checked) once
+    todo = [i for i, entry in enumerate(entries) if entry is None]
     groups = [g for g in (todo[j * len(todo) // jobs : (j + 1) * len(todo) // jobs] for j in range(jobs)) if g]
     calls = [(stream, [members[i] for i in group], str(store.root), device) for group in groups]
     if executor == "inline":
@@ -174,8 +190,8 @@ def sweep_runs(
     elif calls:
         _submit(calls, executor, Path(folder), dict(slurm or {}))
     runs = []
-    for (sae, _), key in zip(members, keys):
-        entry = store.load(NAMESPACE, key)
+    for (sae, _), key, entry in zip(members, keys, entries):
+        entry = entry or store.load(NAMESPACE, key)
         if entry is None:
             raise RuntimeError(f"the sweep's jobs ended without storing {sae}; see their logs in {folder}")
         runs.append(unpack_run(sae, entry.tensors, entry.path.name))

@@ -320,10 +320,11 @@ def train(
         return train_many([bank], x, [cfg], callbacks=[callbacks or {}], progress=progress, device=target)[0]
     x = _as_data(x, bank).to(target, torch.float32)
     run = _Run(bank, x, data_fingerprint(x), cfg, callbacks or {}, target)
+    x = run.eval_x if cfg.eval_rows is None else run.scaled(x)  # all of x, scaled once
     bar = _bar(run.start, cfg.steps, bank.cfg.architecture, progress)
     with scratch.reuse():  # the steps' large temporaries are allocated once (kernels/scratch.py)
         for step in bar:
-            run.step(step, run.sample)  # all of x, scaled
+            run.step(step, x)
     return run.finish()
 
 
@@ -398,9 +399,12 @@ def training_memory(bank: SAEBank, batch_size: int) -> int:
 def _available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 2**63  # unknown: no limit
 
 
@@ -463,8 +467,8 @@ class _Run:
             self.scale, self.start, self.position = _prepare(bank, sample, cfg), 0, (0, 0)
         else:
             self.start, self.scale, self.position = resumed
-        self.sample = self.scaled(sample)  # train() trains on all of it; train_many on the stream's batches
-        self.eval_x = self.sample if cfg.eval_rows is None else self.sample[: cfg.eval_rows]
+        # only the evaluation rows are kept scaled: train_many holds one run per bank
+        self.eval_x = self.scaled(sample if cfg.eval_rows is None else sample[: cfg.eval_rows])
         self.checkpoints = set(cfg.checkpoint_steps())
         # On the CPU each kind of step runs at the thread count measured fastest, where a probe shows the
         # count changes no number (paperlib.sae.threads): a busy machine otherwise stalls short steps.
