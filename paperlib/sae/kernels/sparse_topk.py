@@ -52,14 +52,14 @@ def sparse_topk_grads(
     sums = torch.zeros(3, n_seeds, device=x.device)
     fired = torch.zeros(n_seeds, n, dtype=torch.bool, device=x.device)
     scale = 2.0 / (n_rows * dims)
+    kept = gemm.writes_into(x, params.W_enc[0], params.b_enc[0])  # every seed's product takes the same route
+    out = scratch.buffer("sparse_topk_pre", (x.shape[0], n), torch.float32, x.device) if kept else None
     for s in range(n_seeds):
         W_dec, W_enc, b_dec = params.W_dec[s], params.W_enc[s], params.b_dec[s]
         # W_enc's gradient, transposed, is summed in place where the bank keeps W_enc latent-major (it does)
         in_place = grads[1][s].T.is_contiguous()
         d_W_enc_t = grads[1][s].T.zero_() if in_place else torch.zeros(n, x.shape[1], device=x.device)
         d_W_dec, centred = grads[0][s], x - b_dec
-        kept = gemm.writes_into(centred, W_enc, params.b_enc[s])
-        out = scratch.buffer("sparse_topk_pre", (x.shape[0], n), torch.float32, x.device) if kept else None
         pre = gemm.addmm(params.b_enc[s], centred, W_enc, out=out).float()  # fp32 also when autocast made it bf16
         top = pre.topk(k, dim=-1, sorted=False)
         idx, val = top.indices, top.values.relu()  # a non-positive pre-activation does not fire
