@@ -1,5 +1,6 @@
 # The only entry points a user needs: see README.md.
 #   make figures [PROFILE=smoke|default|paper]   regenerate every figure of a profile
+#                [EXECUTOR=inline|local|slurm] [JOBS=N]  where a streamed profile's (paper) SAE sweeps run
 #   make test                                     the whole test suite (unit tests + notebooks via nbval)
 #   make test-peers                               exports loaded back by the real SAELens and sparsify
 #   make browser                                  playwright + Debian's chromium for the explorer page's browser test
@@ -13,6 +14,19 @@ PROFILES := smoke default paper
 ifeq ($(filter $(PROFILE),$(PROFILES)),)
 $(error unknown PROFILE '$(PROFILE)'; choose one of: $(PROFILES))
 endif
+
+# Notebooks 06-11 train from a stream in the paper profile (source: stream); these say where its sweep's jobs
+# run (paperlib.runs.sweep): in the notebook's process, as local subprocesses, or as SLURM jobs (README: SLURM).
+EXECUTOR ?=
+JOBS ?=
+EXECUTORS := inline local slurm
+ifneq ($(EXECUTOR),)
+ifeq ($(filter $(EXECUTOR),$(EXECUTORS)),)
+$(error unknown EXECUTOR '$(EXECUTOR)'; choose one of: $(EXECUTORS))
+endif
+endif
+SWEEP_ARGS := $(strip $(if $(EXECUTOR),-p executor $(EXECUTOR)) $(if $(JOBS),-p jobs $(JOBS)))
+LLM_NOTEBOOKS := 06 07 08 09 10 11
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -49,7 +63,7 @@ figures: $(EXECUTED)
 # is safe and an unchanged notebook is not rerun. Written atomically (rename after success).
 build/$(PROFILE)/%.ipynb: notebooks/%.ipynb profiles/$(PROFILE)/%.yaml $(LIBRARY) $(ASSETS_STAMP)
 	@mkdir -p $(@D)
-	$(PY) -m papermill --cwd notebooks -f profiles/$(PROFILE)/$*.yaml -p profile $(PROFILE) $< $(@D)/.$*.partial.ipynb
+	$(PY) -m papermill --cwd notebooks -f profiles/$(PROFILE)/$*.yaml -p profile $(PROFILE) $(if $(and $(SWEEP_ARGS),$(filter $(LLM_NOTEBOOKS),$(firstword $(subst _, ,$*)))),$(SWEEP_ARGS) )$< $(@D)/.$*.partial.ipynb
 	mv $(@D)/.$*.partial.ipynb $@
 
 # The later LLM notebooks reuse notebook 06's activations and SAE runs from the cache: run 06 first

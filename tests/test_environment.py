@@ -60,6 +60,17 @@ def test_figures_runs_papermill_on_every_notebook_with_its_profile():
         assert f"-f profiles/smoke/{notebook.stem}.yaml -p profile smoke notebooks/{notebook.name}" in result.stdout
 
 
+def test_figures_passes_a_sweep_executor_to_the_llm_notebooks_only():
+    result = make("-n", "-B", "figures", "PROFILE=paper", "EXECUTOR=slurm", "JOBS=8")
+    assert result.returncode == 0, result.stderr
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        llm = notebook.stem[:2] in ("06", "07", "08", "09", "10", "11")
+        expected = "-p profile paper " + ("-p executor slurm -p jobs 8 " if llm else "") + f"notebooks/{notebook.name}"
+        assert expected in result.stdout, notebook.name
+    bad = make("figures", "EXECUTOR=cluster")
+    assert bad.returncode != 0 and "unknown EXECUTOR 'cluster'; choose one of: inline local slurm" in bad.stderr
+
+
 def test_progress_bars_render_as_widgets_in_a_notebook_kernel():
     """tqdm.auto in a Jupyter kernel needs ipywidgets; without it every executed notebook opens with a
     TqdmWarning ("IProgress not found") and JupyterLab shows text bars."""

@@ -261,3 +261,33 @@ def test_training_on_the_packaged_model_live(tmp_path):
     bank = SAEBank(SAEConfig("topk", stream.d_model, 64, k=4))
     history = train(bank, stream, TrainConfig(steps=4, lr=1e-3, batch_size=128, stats_rows=256), progress=False)
     assert stream.d_model == 576 and np.isfinite(history.final("fvu")).all()
+
+
+def test_a_model_stream_holds_out_its_first_contexts(tiny, tmp_path):
+    """``skip_contexts``: the contexts a notebook evaluates on (the cache's) are never served, on any pass."""
+    store = Store(tmp_path)
+    stream = ModelStream(stream_cfg(tiny), block_contexts=4, skip_contexts=3, store=store)
+    one_pass = np.stack(list(packed(load_model(tiny["model"], store)[1], documents(tiny["corpus"]), 16)))
+    assert np.array_equal(stream._contexts_from(0, 4), one_pass[3:7])
+    n = len(one_pass) - 3
+    assert np.array_equal(stream._contexts_from(n - 1, 2), np.stack([one_pass[-1], one_pass[3]]))  # a second pass
+    assert stream.identity()["skip_contexts"] == 3
+    assert "skip_contexts" not in ModelStream(stream_cfg(tiny), block_contexts=4, store=store).identity()
+    with pytest.raises(ValueError, match="skip_contexts must be an integer >= 0"):
+        ModelStream(stream_cfg(tiny), skip_contexts=-1, store=store)
+    everything = ModelStream(stream_cfg(tiny), block_contexts=4, skip_contexts=len(one_pass), store=store)
+    with pytest.raises(ValueError, match=f"after the {len(one_pass)} held out"):
+        everything.raw_block(0)
+
+
+def test_a_stream_leaves_out_massive_rows_of_each_block():
+    x = rows(300, seed=3)
+    x[7] *= 50.0  # one massive row, 50x a typical norm
+    plain, filtered = TensorStream(x, block_rows=100), TensorStream(x, block_rows=100, max_norm_factor=10.0)
+    with pytest.warns(RuntimeWarning, match="left out 1 of 100 training rows"):
+        first = filtered.block(0)
+    assert len(first) == 99 and not any(torch.equal(r, x[7]) for r in first)
+    assert len(filtered.block(1)) == 100 and torch.equal(filtered.block(1), plain.block(1))
+    assert filtered.identity()["max_norm_factor"] == 10.0 and "max_norm_factor" not in plain.identity()
+    with pytest.raises(ValueError, match="max_norm_factor must be a number > 1"):
+        TensorStream(x, max_norm_factor=0.5)

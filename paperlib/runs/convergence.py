@@ -194,26 +194,34 @@ class StudyPoint:
     seconds: float = float("nan")  # wall time of training (or loading from the cache) and measuring this budget
 
 
+def budget_schedules(schedule: TrainConfig, token_grid: Sequence[int]) -> list[TrainConfig]:
+    """``schedule`` at each budget of ``token_grid``: steps = tokens / batch size, logged half-way as
+    ``llm_schedule``, every other part kept. What ``doubling_study`` trains, so a caller may train them all
+    beforehand (e.g. in lockstep from a stream, ``runs.zoo.zoo_runs``) and the study finds them stored."""
+    if not schedule.batch_size:
+        raise ValueError("doubling_study needs a mini-batch schedule (batch_size set)")
+    steps = [max(1, round(tokens / schedule.batch_size)) for tokens in token_grid]
+    return [replace(schedule, steps=n, log_every=max(1, round(n / 2))) for n in steps]
+
+
 def doubling_study(
     train_run, schedule: TrainConfig, token_grid: Sequence[int], x_eval: torch.Tensor
 ) -> list[StudyPoint]:
     """Train ``train_run(schedule)`` (a function returning a ``TrainedRun`` for a schedule, e.g. a
-    ``zoo_run`` call) once per budget of ``token_grid`` (steps = tokens / batch size, every other
-    part of ``schedule`` kept) and measure each on the held-out rows ``x_eval``."""
-    if not schedule.batch_size:
-        raise ValueError("doubling_study needs a mini-batch schedule (batch_size set)")
+    ``zoo_run`` call) once per budget of ``token_grid`` (``budget_schedules``) and measure each on the
+    held-out rows ``x_eval``."""
     points = []
-    for tokens in token_grid:
+    for budget in budget_schedules(schedule, token_grid):
         start = time.perf_counter()
-        steps = max(1, round(tokens / schedule.batch_size))
-        run = train_run(replace(schedule, steps=steps, log_every=max(1, round(steps / 2))))  # as llm_schedule
+        steps, tokens = budget.steps, budget.steps * (budget.batch_size or 0)  # batch_size is set (budget_schedules)
+        run = train_run(budget)
         bank = run.bank
         metrics = evaluate(bank, x_eval)
         pw = pw_mcc(bank.decoder_directions())
         dead = (firing_rates(bank, x_eval) == 0).float().mean(-1)
         points.append(
             StudyPoint(
-                steps * schedule.batch_size,
+                tokens,
                 steps,
                 pw.mean,
                 pw.std,

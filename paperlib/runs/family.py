@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from paperlib.explain.contexts import TopContexts, top_contexts
-from paperlib.runs.trained import TrainedRun, held_out_split
-from paperlib.runs.zoo import rule_config, zoo_run
+from paperlib.runs.trained import TrainedRun
+from paperlib.runs.rows import as_training_rows
+from paperlib.runs.zoo import ZooSpec, rule_config, zoo_runs
 from paperlib.sae.bank import SAEConfig
 from paperlib.sae.train import TrainConfig
 from paperlib.sae.view import SAEView
@@ -164,37 +165,34 @@ class Family:
 
 
 def train_family(
-    acts,
+    rows,
     config: FamilyConfig,
     schedule: TrainConfig,
     *,
-    eval_rows: int,
+    eval_rows: int | None = None,
     store: Store | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> Family:
-    """Every width of ``config`` trained on the training rows of ``acts`` (an ``Activations``, or any
-    object with ``config``, ``d_model``, ``len`` and ``fp32(rows)``), through the store."""
-    train_rows, _ = held_out_split(len(acts), eval_rows)
-    trained = {
-        w: zoo_run(
-            acts,
+    """Every width of ``config`` trained from ``rows`` (``runs.rows.TrainingRows``, or cached activations with
+    ``eval_rows`` held out) through the store, all widths together (``zoo_runs``: in lockstep on a stream)."""
+    rows = as_training_rows(rows, eval_rows)
+    specs = [
+        ZooSpec(
             config.architecture,
             w,
             config.sparsity,
-            schedule=config.schedule_for(w, schedule),
-            eval_rows=eval_rows,
-            store=store,
-            n_seeds=config.n_seeds(w),
-            seed=config.member_seed(w),
-            aux_coeff=config.aux_coeff,
-            calibrate=config.calibrate_l1,
-            device=device,
-            progress=progress,
+            config.schedule_for(w, schedule),
+            config.n_seeds(w),
+            config.member_seed(w),
+            config.aux_coeff,
         )
         for w in config.widths
-    }
-    window = min(train_rows.stop, schedule.steps * min(schedule.batch_size or train_rows.stop, train_rows.stop))
+    ]
+    zoo = zoo_runs(rows, specs, store=store, calibrate=config.calibrate_l1, device=device, progress=progress)
+    trained = dict(zip(config.widths, zoo))
+    seen = schedule.steps * (schedule.batch_size or rows.pass_rows or 0)
+    window = seen if rows.pass_rows is None else min(rows.pass_rows, seen)
     return Family(
         config,
         {w: t.run for w, t in trained.items()},

@@ -50,23 +50,38 @@ EXECUTORS = ("inline", "local", "slurm")
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What a job builds its stream from: a live model (``activations``, ``block`` contexts per block) or the rows
-    of a ``.npy`` file (``rows``, a path every job can read; ``block`` rows per block), and the shuffle seed."""
+    """What a job builds its stream from: a live model (``activations``, ``block`` contexts per block, the first
+    ``skip_contexts`` contexts held out) or the rows of a ``.npy`` file (``rows``, a path every job can read;
+    ``block`` rows per block); the shuffle seed, and the massive-row filter (``sources.massive``; None: off)."""
 
     activations: ActivationConfig | None = None
     rows: str | None = None
     block: int = 256
     seed: int = 0
+    skip_contexts: int = 0
+    max_norm_factor: float | None = None
 
     def __post_init__(self) -> None:
         if (self.activations is None) == (self.rows is None):
             raise ValueError("StreamSpec takes exactly one source: activations=ActivationConfig(...) or rows=PATH.npy")
+        if self.skip_contexts and self.activations is None:
+            raise ValueError("StreamSpec.skip_contexts holds out contexts of a live model's corpus; rows take none")
 
-    def build(self, store: Store) -> RowStream:
+    def build(self, store: Store, device: str = "cpu") -> RowStream:
+        """The stream, its model (if live) on ``device``: the job's training device, so the forward runs there."""
         if self.activations is not None:
-            return ModelStream(self.activations, block_contexts=self.block, seed=self.seed, store=store)
+            return ModelStream(
+                self.activations,
+                block_contexts=self.block,
+                seed=self.seed,
+                skip_contexts=self.skip_contexts,
+                max_norm_factor=self.max_norm_factor,
+                device=device,
+                store=store,
+            )
         _stamp(str(self.rows))  # refused with the fix when absent
-        return TensorStream(np.load(str(self.rows), mmap_mode="r"), block_rows=self.block, seed=self.seed)
+        rows = np.load(str(self.rows), mmap_mode="r")
+        return TensorStream(rows, block_rows=self.block, seed=self.seed, max_norm_factor=self.max_norm_factor)
 
 
 def _key(spec: StreamSpec, sae: SAEConfig, schedule: TrainConfig, device: str) -> dict[str, Any]:
@@ -181,7 +196,8 @@ def sweep_runs(
     device = device or resolve_device(None, "device").type
     keys = [_key(stream, sae, schedule, device) for sae, schedule in members]
     entries = [store.load(NAMESPACE, key) for key in keys]  # each read (and hash-checked) once
-    todo = [i for i, entry in enumerate(entries) if entry is None]
+    names = [store.path(NAMESPACE, key).name for key in keys]
+    todo = [i for i, entry in enumerate(entries) if entry is None and names.index(names[i]) == i]  # each once
     groups = [g for g in (todo[j * len(todo) // jobs : (j + 1) * len(todo) // jobs] for j in range(jobs)) if g]
     calls = [(stream, [members[i] for i in group], str(store.root), device) for group in groups]
     if executor == "inline":
@@ -241,7 +257,7 @@ def train_group(spec: StreamSpec, members: list[tuple[SAEConfig, TrainConfig]], 
         for (_, s), directory in zip(pending, directories)
     ]
     resumed = [(directory / "train_state.pt").exists() for directory in directories]
-    histories = train_many(banks, spec.build(store), cfgs, progress=False, device=torch.device(device))
+    histories = train_many(banks, spec.build(store, device), cfgs, progress=False, device=torch.device(device))
     paths = []
     for (sae, schedule), bank, history, directory, was_resumed in zip(pending, banks, histories, directories, resumed):
         tensors = pack_run(bank.cpu(), history.columns, history.checkpoints)

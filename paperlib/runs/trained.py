@@ -11,7 +11,6 @@ The data is passed lazily (a tensor or a function returning one) so a cache hit 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from paperlib._stack import user_stacklevel
-from paperlib.checks import is_real
 from paperlib.runtime import resolve_device
 from paperlib.sae.bank import SAEBank, SAEConfig
 from paperlib.sae.train import Callback, TrainConfig, train
+from paperlib.sources.massive import MASSIVE_NORM_FACTOR, checked_norm_factor, without_massive_rows
 from paperlib.store import Store
 
 _STATE, _HISTORY, _CHECKPOINT = "state.", "history.", "checkpoint."
@@ -112,41 +110,6 @@ def held_out_split(n_rows: int, eval_rows: int) -> tuple[slice, slice]:
     return slice(0, n_rows - eval_rows), slice(n_rows - eval_rows, n_rows)
 
 
-MASSIVE_NORM_FACTOR = 10.0
-
-
-def _checked_norm_factor(factor: float | None) -> float | None:
-    if factor is not None and (not is_real(factor, finite=True) or factor <= 1):
-        raise ValueError(
-            f"max_norm_factor must be a number > 1 (a multiple of the median row norm) or None to keep "
-            f"every row, got {factor!r}"
-        )
-    return factor
-
-
-def without_massive_rows(x: Tensor, *, factor: float | None = MASSIVE_NORM_FACTOR) -> Tensor:
-    """``x`` without the rows whose L2 norm exceeds ``factor`` x the median row norm; ``None`` keeps all.
-
-    Why: a few LLM activation rows are "massive" (SmolLM2 block 19 on the whole packaged corpus: 4 of
-    1.02M rows above 10x the median norm, the largest 90x, i.e. ~8000x a typical row's energy; typical
-    rows stay within 1.3x). One such row in a batch dominates the squared error, and at notebook 06's
-    learning rate the kick left 22 % of a TopK SAE's latents dead for good (PW-MCC 0.53 instead of 0.70,
-    FVU 0.239 instead of 0.204; measured, README). The default's 255k rows have none above 7.6x."""
-    if _checked_norm_factor(factor) is None:
-        return x
-    norms = x.norm(dim=1)
-    keep = norms <= factor * norms.median()
-    if not keep.all():
-        warnings.warn(
-            f"left out {int((~keep).sum())} of {len(x)} training rows whose norm exceeds {factor:g}x the "
-            f"median ({float(norms.median()):.4g}); largest {float(norms.max()):.4g} (massive activations; "
-            "max_norm_factor=None keeps them)",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
-        )
-    return x[keep]
-
-
 def activation_run(
     acts,
     sae: SAEConfig,
@@ -161,7 +124,7 @@ def activation_run(
     without the massive ones (``without_massive_rows``), keyed by the activation config, the split and
     that filter, so every notebook asking for the same SAE on the same activations shares one run."""
     train_rows, _ = held_out_split(len(acts), eval_rows)
-    _checked_norm_factor(max_norm_factor)  # refused before the cache is read
+    checked_norm_factor(max_norm_factor)  # refused before the cache is read
     key = {"activations": acts.config, "train_rows": train_rows.stop, "max_norm_factor": max_norm_factor}
     return trained_bank(
         lambda: without_massive_rows(acts.fp32(train_rows), factor=max_norm_factor),

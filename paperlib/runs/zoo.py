@@ -1,4 +1,5 @@
-"""Zoo SAEs on cached activations at a target L0, with the L1 family calibrated to that target.
+"""Zoo SAEs on LLM activations (cached or streamed, ``runs.rows``) at a target L0, with the L1 family
+calibrated to that target.
 
 Notebooks 06-10 train the zoo on the same activations and must get the same SAEs back (a cache hit
 across notebooks), so the rule that turns (architecture, width, target L0) into a trained run lives
@@ -14,15 +15,17 @@ Pilots are stored runs: a second calibration, in any notebook, trains nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from paperlib.runs.trained import TrainedRun, activation_run
+from paperlib.runs.rows import TrainingRows, as_training_rows
+from paperlib.runs.trained import TrainedRun
 from paperlib.sae.bank import SAEConfig
 from paperlib.sae.train import PAPER_CHECKPOINTS, TrainConfig
-from paperlib.sae.zoo_presets import K_FAMILY, L1_FAMILY, L1Calibration, calibrate_l1, zoo_config
+from paperlib.sae.zoo_presets import K_FAMILY, L1_FAMILY, L1Calibration, l1_probes, zoo_config
 from paperlib.store import Store
 
 
@@ -93,14 +96,87 @@ def rule_config(
     return replace(cfg, aux_coeff=aux_coeff) if architecture in K_FAMILY else cfg
 
 
+@dataclass(frozen=True)
+class ZooSpec:
+    """One configuration of the zoo rule (``rule_config``) and its schedule: what ``zoo_runs`` trains."""
+
+    architecture: str
+    n_latents: int
+    sparsity: int
+    schedule: TrainConfig
+    n_seeds: int = 1
+    seed: int = 0
+    aux_coeff: float = 1 / 32
+
+    def config(self, d_model: int) -> SAEConfig:
+        return rule_config(
+            self.architecture,
+            d_model,
+            self.n_latents,
+            self.sparsity,
+            n_seeds=self.n_seeds,
+            seed=self.seed,
+            aux_coeff=self.aux_coeff,
+        )
+
+
+def zoo_runs(
+    rows: TrainingRows,
+    specs: Sequence[ZooSpec],
+    *,
+    store: Store | None = None,
+    calibrate: bool = True,
+    pilot_seeds: int = 1,
+    refinements: int = 2,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[ZooRun]:
+    """Every spec trained from ``rows`` (``runs.rows``), in order; with ``calibrate``, each of the L1 family
+    first gets its L1 coefficient from pilot runs (same schedule without decoder snapshots, ``pilot_seeds``
+    seeds from its seed). All calibrations advance together, one pilot each per round, and each round's
+    pilots, then the final runs, go to ``rows`` at once: a stream trains them in lockstep."""
+    if calibrate and (not isinstance(pilot_seeds, int) or pilot_seeds < 1):
+        raise ValueError(f"pilot_seeds must be a positive integer, got {pilot_seeds!r}")
+    kwargs: dict[str, Any] = dict(store=store, device=device, progress=progress)
+    configs = [spec.config(rows.d_model) for spec in specs]
+    calibrations: dict[int, L1Calibration] = {}
+    probes = {
+        i: l1_probes(spec.sparsity, refinements=refinements)
+        for i, spec in enumerate(specs)
+        if calibrate and spec.architecture in L1_FAMILY
+    }
+    asks = {i: next(probe) for i, probe in probes.items()}
+    while asks:
+        pilots = [
+            (
+                replace(configs[i], l1_coeff=configs[i].l1_coeff * m, n_seeds=pilot_seeds),
+                replace(specs[i].schedule, checkpoint_fractions=(), checkpoint_dir=None),
+            )
+            for i, m in asks.items()
+        ]
+        following = {}
+        for i, pilot in zip(asks, rows.runs(pilots, **kwargs)):
+            try:
+                following[i] = probes[i].send(float(pilot.history["l0"][-1].mean()))
+            except StopIteration as done:
+                calibrations[i] = done.value
+        asks = following
+    configs = [
+        replace(cfg, l1_coeff=cfg.l1_coeff * calibrations[i].multiplier) if i in calibrations else cfg
+        for i, cfg in enumerate(configs)
+    ]
+    trained = rows.runs([(cfg, spec.schedule) for cfg, spec in zip(configs, specs)], **kwargs)
+    return [ZooRun(run, cfg, calibrations.get(i)) for i, (run, cfg) in enumerate(zip(trained, configs))]
+
+
 def zoo_run(
-    acts,
+    rows,
     architecture: str,
     n_latents: int,
     sparsity: int,
     *,
     schedule: TrainConfig,
-    eval_rows: int,
+    eval_rows: int | None = None,
     store: Store | None = None,
     n_seeds: int = 1,
     seed: int = 0,
@@ -111,22 +187,17 @@ def zoo_run(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> ZooRun:
-    """``architecture`` at target L0 ``sparsity`` trained on ``acts`` (see ``activation_run``); for
-    the L1 family with ``calibrate``, its L1 coefficient first calibrated on pilot runs (same
-    schedule without decoder snapshots, ``pilot_seeds`` seeds from ``seed``)."""
-    cfg = rule_config(architecture, acts.d_model, n_latents, sparsity, n_seeds=n_seeds, seed=seed, aux_coeff=aux_coeff)
-    kwargs: dict[str, Any] = dict(device=device, progress=progress)
-    calibration = None
-    if calibrate and architecture in L1_FAMILY:
-        if not isinstance(pilot_seeds, int) or pilot_seeds < 1:
-            raise ValueError(f"pilot_seeds must be a positive integer, got {pilot_seeds!r}")
-        pilot_schedule = replace(schedule, checkpoint_fractions=(), checkpoint_dir=None)
-
-        def pilot_l0(multiplier: float) -> float:
-            pilot = replace(cfg, l1_coeff=cfg.l1_coeff * multiplier, n_seeds=pilot_seeds)
-            run = activation_run(acts, pilot, pilot_schedule, eval_rows=eval_rows, store=store, **kwargs)
-            return float(run.history["l0"][-1].mean())
-
-        calibration = calibrate_l1(pilot_l0, sparsity, refinements=refinements)
-        cfg = replace(cfg, l1_coeff=cfg.l1_coeff * calibration.multiplier)
-    return ZooRun(activation_run(acts, cfg, schedule, eval_rows=eval_rows, store=store, **kwargs), cfg, calibration)
+    """``architecture`` at target L0 ``sparsity`` (one ``zoo_runs`` spec) trained from ``rows``: ``TrainingRows``,
+    or cached activations with ``eval_rows`` held out (see ``activation_run``)."""
+    spec = ZooSpec(architecture, n_latents, sparsity, schedule, n_seeds, seed, aux_coeff)
+    [run] = zoo_runs(
+        as_training_rows(rows, eval_rows),
+        [spec],
+        store=store,
+        calibrate=calibrate,
+        pilot_seeds=pilot_seeds,
+        refinements=refinements,
+        device=device,
+        progress=progress,
+    )
+    return run

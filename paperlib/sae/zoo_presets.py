@@ -34,7 +34,7 @@ the width, the target sparsity, the data's scale and the L0 a run reaches — ne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -161,9 +161,24 @@ def calibrate_l1(
     max_pilots: int = 12,
 ) -> L1Calibration:
     """The multiplier m of the rule's L1 coefficient whose pilot run (``pilot_l0(m)`` -> its final
-    L0) lands closest to ``target`` in log ratio. From m = 1 it multiplies or divides by ``factor``
-    until one pilot is at or below the target and one above it, then bisects that bracket
-    geometrically ``refinements`` times (L0 falls as the L1 grows)."""
+    L0) lands closest to ``target`` in log ratio (``l1_probes``, one pilot after another)."""
+    probes = l1_probes(target, factor=factor, refinements=refinements, max_pilots=max_pilots)
+    multiplier = next(probes)
+    while True:
+        try:
+            multiplier = probes.send(pilot_l0(multiplier))
+        except StopIteration as done:
+            return done.value
+
+
+def l1_probes(
+    target: float, *, factor: float = 2.0, refinements: int = 1, max_pilots: int = 12
+) -> Generator[float, float, L1Calibration]:
+    """``calibrate_l1`` as a conversation: yields the next pilot's multiplier, is sent that pilot's final L0,
+    and returns the ``L1Calibration``; so several calibrations can train their pilots side by side
+    (``runs.zoo.zoo_runs``). From m = 1 it multiplies or divides by ``factor`` until one pilot is at or
+    below the target and one above it, then bisects that bracket geometrically ``refinements`` times
+    (L0 falls as the L1 grows)."""
     if not target > 0:
         raise ValueError(f"calibrate_l1 needs a target L0 > 0, got {target!r}")
     if not factor > 1:
@@ -174,8 +189,7 @@ def calibrate_l1(
         )
     tried: dict[float, float] = {}
 
-    def probe(m: float) -> float:
-        l0 = float(pilot_l0(m))
+    def record(m: float, l0: float) -> float:
         if not math.isfinite(l0) or l0 < 0:
             raise ValueError(f"pilot run at L1 multiplier {m:g} reached L0 {l0}; it must be a finite count >= 0")
         tried[m] = l0
@@ -188,13 +202,13 @@ def calibrate_l1(
                 f"could not bracket the target L0 {target:g} in {max_pilots} pilots (multiplier: L0 {tried}); "
                 "check the pilot runs or raise max_pilots"
             )
-        if probe(m) > target:
+        if record(m, float((yield m))) > target:
             dense, m = m, m * factor
         else:
             sparse, m = m, m / factor
     for _ in range(refinements):
         m = math.sqrt(dense * sparse)
-        if probe(m) > target:
+        if record(m, float((yield m))) > target:
             dense = m
         else:
             sparse = m
