@@ -1,7 +1,7 @@
-"""The paper profile's path in miniature: notebooks 06 (paper A) and 08-10 (paper B) run as the paper profile runs
-them (source: stream, the L1 family uncalibrated), on random Pythia- and GPT-2-shaped models built in code and a
-local corpus, their sweeps split into real subprocess jobs by submitit's local executor. Everything the paper
-profile does runs here except the hub download and CUDA kernels."""
+"""The paper profile's path in miniature: notebooks 06 and 11 (paper A) and 08-10 (paper B) run as the paper
+profile runs them (source: stream, the L1 family uncalibrated), on random Pythia- and GPT-2-shaped models built in
+code and a local corpus, their sweeps split into real subprocess jobs by submitit's local executor. Everything the
+paper profile does runs here except the hub download and CUDA kernels."""
 
 import json
 
@@ -53,7 +53,7 @@ def paper_b(tiny, tmp_path_factory):
         yield root, {**paper_shaped(tiny, "gpt2"), **shared}
 
 
-def test_notebook_06_as_the_paper_profile_runs_it(tiny, place):
+def test_notebooks_06_and_11_as_the_paper_profile_runs_them(tiny, place):
     numbers = run("06", {**paper_shaped(tiny, "gpt_neox"), "n_latents": 64, "sparsities": [4, 8], "zipf_tokens": 2000,
                          "loss_contexts": 2, "chance_samples": 2}, place)  # fmt: skip
     runs = numbers["runs"]
@@ -62,6 +62,14 @@ def test_notebook_06_as_the_paper_profile_runs_it(tiny, place):
     assert len(sweep_entries(place)) == 8 * 2 + 1 and not (place / "cache" / "llm-sae").exists()
     assert list((place / "cache" / "sweep_jobs").glob("*_0_log.out"))  # submitit's job logs: real subprocesses
     assert numbers["setting"]["rows"] > 256 and all(0 < r["fvu"] < 1.5 for r in runs.values())
+    # 11's doubling study from the same stream: its grid's top budget is 06's (reused), the smaller one is new,
+    # and both of its architectures at that budget train in one sweep before the study reads them back
+    before = sweep_entries(place)
+    study = run("11", {**paper_shaped(tiny, "gpt_neox"), "n_latents": 64, "architectures": ["topk", "relu"],
+                       "sparsity": 4, "token_grid": [768, 1536], "chance_samples": 2}, place)  # fmt: skip
+    assert len(sweep_entries(place)) == len(before) + 2
+    assert [p["tokens"] for p in study["studies"]["relu"]] == [768, 1536]
+    assert all(p["passes"] is None for p in study["studies"]["topk"])  # a stream makes no second pass
 
 
 def test_notebooks_08_to_10_as_the_paper_profile_runs_them(paper_b):
