@@ -155,6 +155,31 @@ def test_float32_scan_path(monkeypatch):
         assert m.weights.sum() == pytest.approx(_scipy_opt(a, b, signed), abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_side_too_large_to_keep_is_normalised_as_read_with_the_same_result(monkeypatch, dtype):
+    """Above ``KEEP_BYTES`` a side is kept as given (float32 not copied to float64) and normalised row by row when
+    read: the same float64 unit rows, so the same certified matching and the same weights, bit for bit."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((300, 64)).astype(dtype), rng.standard_normal((700, 64)).astype(dtype)
+    b[::7] *= 3.0  # rows of different norms
+    kept, kept_unit = match(a, b, dense_limit=16, top_c=1), matching._unit(b, "b").all()
+    monkeypatch.setattr(matching._UnitRows, "KEEP_BYTES", 1000)
+    monkeypatch.setattr(matching._UnitRows, "CHUNK", 64)  # several chunks, the last one short
+    lazy = match(a, b, dense_limit=16, top_c=1)  # top-1 candidates: rescans, float64 ones among them
+    assert lazy.stats["rows_exact"] > 0 and lazy.stats["rows_rechecked"] > 0
+    optimum = _scipy_opt(a.astype(np.float64), b.astype(np.float64), True)
+    assert lazy.certified and kept.certified and lazy.weights.sum() == pytest.approx(optimum, abs=1e-9)
+    assert np.array_equal(lazy.cols, kept.cols) and np.array_equal(lazy.weights, kept.weights)
+    unit = matching._unit(b, "b")
+    assert unit.kept is None and unit.t.dtype == (torch.float32 if dtype == np.float32 else torch.float64)
+    some = np.array([5, 699, 64, 63])
+    assert np.array_equal(unit[some], kept_unit[some]) and np.array_equal(unit.all(), kept_unit)
+    bad = b.copy()
+    bad[[3, 650]] = 0.0
+    with pytest.raises(ValueError, match="b has 2 zero-norm rows"):  # counted across chunks
+        match(a, bad, dense_limit=16)
+
+
 def test_duplicates_and_ties():
     rng = np.random.default_rng(2)
     base = rng.standard_normal((10, 8))

@@ -31,6 +31,7 @@ Our rules where the papers are silent (``FamilyConfig``):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -175,7 +176,25 @@ def train_family(
     progress: bool = False,
 ) -> Family:
     """Every width of ``config`` trained from ``rows`` (``runs.rows.TrainingRows``, or cached activations with
-    ``eval_rows`` held out) through the store, all widths together (``zoo_runs``: in lockstep on a stream)."""
+    ``eval_rows`` held out) through the store (``train_families`` of one family)."""
+    [family] = train_families(
+        rows, [config], schedule, eval_rows=eval_rows, store=store, device=device, progress=progress
+    )
+    return family
+
+
+def train_families(
+    rows,
+    configs: Sequence[FamilyConfig],
+    schedule: TrainConfig,
+    *,
+    eval_rows: int | None = None,
+    store: Store | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[Family]:
+    """Every width of every family in ``configs``, all in one ``zoo_runs`` call: from a stream, every SAE of
+    every family in lockstep (paper B's widths from one pass of the LLM)."""
     rows = as_training_rows(rows, eval_rows)
     specs = [
         ZooSpec(
@@ -186,19 +205,20 @@ def train_family(
             config.n_seeds(w),
             config.member_seed(w),
             config.aux_coeff,
+            config.calibrate_l1,
         )
+        for config in configs
         for w in config.widths
     ]
-    zoo = zoo_runs(rows, specs, store=store, calibrate=config.calibrate_l1, device=device, progress=progress)
-    trained = dict(zip(config.widths, zoo))
+    zoo = iter(zoo_runs(rows, specs, store=store, device=device, progress=progress))
     seen = schedule.steps * (schedule.batch_size or rows.pass_rows or 0)
     window = seen if rows.pass_rows is None else min(rows.pass_rows, seen)
-    return Family(
-        config,
-        {w: t.run for w, t in trained.items()},
-        window,
-        {w: t.calibration for w, t in trained.items() if t.calibration is not None},
-    )
+    families = []
+    for config in configs:
+        trained = {w: next(zoo) for w in config.widths}
+        calibrations = {w: t.calibration for w, t in trained.items() if t.calibration is not None}
+        families.append(Family(config, {w: t.run for w, t in trained.items()}, window, calibrations))
+    return families
 
 
 def cached_path(

@@ -98,7 +98,8 @@ def rule_config(
 
 @dataclass(frozen=True)
 class ZooSpec:
-    """One configuration of the zoo rule (``rule_config``) and its schedule: what ``zoo_runs`` trains."""
+    """One configuration of the zoo rule (``rule_config``) and its schedule: what ``zoo_runs`` trains; with
+    ``calibrate``, an L1-family coefficient calibrated to L0 ≈ ``sparsity`` first."""
 
     architecture: str
     n_latents: int
@@ -107,6 +108,7 @@ class ZooSpec:
     n_seeds: int = 1
     seed: int = 0
     aux_coeff: float = 1 / 32
+    calibrate: bool = True
 
     def config(self, d_model: int) -> SAEConfig:
         return rule_config(
@@ -125,17 +127,16 @@ def zoo_runs(
     specs: Sequence[ZooSpec],
     *,
     store: Store | None = None,
-    calibrate: bool = True,
     pilot_seeds: int = 1,
     refinements: int = 2,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> list[ZooRun]:
-    """Every spec trained from ``rows`` (``runs.rows``), in order; with ``calibrate``, each of the L1 family
+    """Every spec trained from ``rows`` (``runs.rows``), in order; each of the L1 family with ``calibrate``
     first gets its L1 coefficient from pilot runs (same schedule without decoder snapshots, ``pilot_seeds``
     seeds from its seed). All calibrations advance together, one pilot each per round, and each round's
     pilots, then the final runs, go to ``rows`` at once: a stream trains them in lockstep."""
-    if calibrate and (not isinstance(pilot_seeds, int) or pilot_seeds < 1):
+    if any(spec.calibrate for spec in specs) and (not isinstance(pilot_seeds, int) or pilot_seeds < 1):
         raise ValueError(f"pilot_seeds must be a positive integer, got {pilot_seeds!r}")
     kwargs: dict[str, Any] = dict(store=store, device=device, progress=progress)
     configs = [spec.config(rows.d_model) for spec in specs]
@@ -143,7 +144,7 @@ def zoo_runs(
     probes = {
         i: l1_probes(spec.sparsity, refinements=refinements)
         for i, spec in enumerate(specs)
-        if calibrate and spec.architecture in L1_FAMILY
+        if spec.calibrate and spec.architecture in L1_FAMILY
     }
     asks = {i: next(probe) for i, probe in probes.items()}
     while asks:
@@ -189,12 +190,11 @@ def zoo_run(
 ) -> ZooRun:
     """``architecture`` at target L0 ``sparsity`` (one ``zoo_runs`` spec) trained from ``rows``: ``TrainingRows``,
     or cached activations with ``eval_rows`` held out (see ``activation_run``)."""
-    spec = ZooSpec(architecture, n_latents, sparsity, schedule, n_seeds, seed, aux_coeff)
+    spec = ZooSpec(architecture, n_latents, sparsity, schedule, n_seeds, seed, aux_coeff, calibrate)
     [run] = zoo_runs(
         as_training_rows(rows, eval_rows),
         [spec],
         store=store,
-        calibrate=calibrate,
         pilot_seeds=pilot_seeds,
         refinements=refinements,
         device=device,
