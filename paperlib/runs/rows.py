@@ -1,6 +1,6 @@
 """Where the LLM notebooks' SAEs get their training rows: the activation cache, or a live stream.
 
-Notebooks 06-10 evaluate on held-out rows of the activation cache (``held_out_split``: its last contexts) and
+Notebooks 06-11 evaluate on held-out rows of the activation cache (``held_out_split``: its last contexts) and
 ask ``runs.zoo.zoo_runs`` for their SAEs, which trains them from one of two sources (``training_rows``):
 
 * ``"cache"`` (the default profile): the cache's training rows, one configuration after another
