@@ -20,7 +20,8 @@ def paper_shaped(tiny, family: str) -> dict:
     """What the paper profile sets, at the tiny models' scale."""
     return dict(model=tiny["models"][family], layer=N_LAYERS - 2, corpus=tiny["corpus"], context_length=16,
                 n_tokens=16 * 40, eval_rows=256, steps=24, batch_size=64, lr=3e-3, warmup_steps=3,
-                calibrate_l1=False, source="stream", executor="local", jobs=2, device="cpu")  # fmt: skip
+                calibrate_l1=False, source="stream", executor="local", jobs=2, device="cpu",
+                precision="bf16")  # fmt: skip  # the paper profile's "native" on its GPU, whatever CPU runs the test
 
 
 def run(number: str, parameters: dict, root) -> dict:

@@ -108,7 +108,7 @@ class TrainConfig:
     stats_rows: int = 100_000
     checkpoint_fractions: tuple[float, ...] = ()
     checkpoint_dir: str | None = None
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16": the step's matmuls
+    precision: str = "auto"  # matmuls: "auto" (bf16 on CUDA, fp32 on CPU), "native" (bf16 where native), fp32, bf16
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "chunk_size", "stats_rows"):
