@@ -13,8 +13,9 @@ decoder cosine) get similar explanations. This module is the one import for that
    (``paperlib.explain.explainers``, backends in ``paperlib.explain.chat``).
 3. ``EmbeddingSimilarity`` (all-MiniLM-L6-v2 cosine, default) or ``JudgeSimilarity`` (LLM judge
    1..10, paper A's measure) of the two explanations of each matched pair, binned by decoder
-   cosine with paper A's edges (``bin_scores``), ``spearman`` with a bootstrap interval, and
-   ``random_pairs`` for the chance level (``paperlib.explain.similarity``).
+   cosine with paper A's edges (``bin_scores``) and ``random_pairs`` for the chance level
+   (``paperlib.explain.similarity``); Spearman's ρ with a bootstrap interval is
+   ``paperlib.metrics.stats.spearman``.
 """
 
 from paperlib.explain.chat import (
@@ -45,14 +46,12 @@ from paperlib.explain.similarity import (
     PAPER_A_EDGES,
     PAPER_A_JUDGE_MEANS,
     BinnedScores,
-    Correlation,
     EmbeddingSimilarity,
     JudgeSimilarity,
     bin_scores,
     parse_score,
     random_pairs,
     stratified_pairs,
-    spearman,
 )
 
 __all__ = [
@@ -83,12 +82,10 @@ __all__ = [
     "PAPER_A_EDGES",
     "PAPER_A_JUDGE_MEANS",
     "BinnedScores",
-    "Correlation",
     "EmbeddingSimilarity",
     "JudgeSimilarity",
     "bin_scores",
     "parse_score",
     "random_pairs",
     "stratified_pairs",
-    "spearman",
 ]

@@ -19,9 +19,8 @@ Either measure gives NaN for a pair where one explanation is empty.
 
 Statistics: ``bin_scores`` bins pairs by their decoder cosine with paper A's edges
 (0.07, 0.11, 0.19, 0.34, 0.58, 1.0) and gives per-bin count, mean and a bootstrap interval;
-``spearman`` is the rank correlation with a bootstrap interval over pairs, ``spearman_test`` the same
-ρ with its permutation p-value (exact for few points); ``random_pairs`` draws
-mismatched pairs for the chance baseline (explanations of two unrelated latents).
+``random_pairs`` draws mismatched pairs for the chance baseline (explanations of two unrelated
+latents). Rank correlations (``spearman``, ``spearman_test``) are in ``paperlib.metrics.stats``.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import torch
 
 from paperlib.explain.chat import ChatBackend, PartialFailure
 from paperlib.explain.explainers import JsonlCache, _slug
+from paperlib.metrics.stats import check_bootstrap, mean_interval, paired
 from paperlib.store import Store
 
 JUDGE_PROMPT_VERSION = "judge-v1"
@@ -214,113 +214,29 @@ class BinnedScores:
     n_nan: int
 
 
-def _vectors(x, y, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    x, y = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (x, y))
-    if len(x) != len(y):
-        raise ValueError(f"{names[0]} and {names[1]} must have one value per pair, got {len(x)} and {len(y)}")
-    if np.isnan(x).any():
-        raise ValueError(f"{names[0]} contains NaN; every pair needs a finite value")
-    return x, y
-
-
-def _check_boot(n_boot: int, level: float) -> None:
-    if not isinstance(n_boot, int) or n_boot < 1 or not 0 < level < 1:
-        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot!r}, level={level!r}")
-
-
 def bin_scores(
     cosine, score, *, edges: Sequence[float] = PAPER_A_EDGES, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> BinnedScores:
     """Mean ``score`` of the pairs in each decoder-cosine bin [edges[b], edges[b+1]) (last bin
     closed), with a percentile bootstrap interval of the bin mean; NaN scores are left out."""
-    cosine, score = _vectors(cosine, score, ("cosine", "score"))
+    cosine, score = paired(cosine, score, ("cosine", "score"))
     bounds = np.asarray(edges, dtype=np.float64)
     if bounds.ndim != 1 or len(bounds) < 2 or np.any(np.diff(bounds) <= 0):
         raise ValueError(f"edges must be at least two strictly increasing values, got {bounds}")
-    _check_boot(n_boot, level)
+    check_bootstrap(n_boot, level)
     inside = (cosine >= bounds[0]) & (cosine <= bounds[-1])
     scored = inside & ~np.isnan(score)
     which = np.clip(np.searchsorted(bounds, cosine, side="right") - 1, 0, len(bounds) - 2)
     rng = np.random.default_rng(seed)
     n_bins = len(bounds) - 1
     count, mean, low, high = np.zeros(n_bins, int), *(np.full(n_bins, np.nan) for _ in range(3))
-    tail = (1 - level) / 2
     for b in range(n_bins):
         values = score[scored & (which == b)]
         count[b] = len(values)
         if len(values):
             mean[b] = values.mean()
-            boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-            low[b], high[b] = np.quantile(boots, tail), np.quantile(boots, 1 - tail)
+            low[b], high[b] = mean_interval(values, n_boot=n_boot, level=level, rng=rng)
     return BinnedScores(bounds, count, mean, low, high, int((~inside).sum()), int((inside & np.isnan(score)).sum()))
-
-
-@dataclass(frozen=True)
-class Correlation:
-    rho: float
-    low: float
-    high: float
-    n: int
-
-
-def spearman(x, y, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Correlation:
-    """Spearman's rank correlation of the pairs with finite ``y``, and a percentile bootstrap
-    interval over pairs (resampled with replacement)."""
-    from scipy.stats import rankdata
-
-    x, y = _vectors(x, y, ("x", "y"))
-    _check_boot(n_boot, level)
-    keep = ~np.isnan(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3:
-        raise ValueError(f"spearman needs at least 3 pairs with a score, got {len(x)}")
-
-    def rho(i: np.ndarray) -> np.ndarray:  # i: [..., n] resampled indices -> rank correlation per row
-        rx, ry = (rankdata(v[i], axis=-1) for v in (x, y))
-        rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (rx * ry).sum(-1) / np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
-
-    boots = rho(np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x))))
-    boots = boots[~np.isnan(boots)]  # a resample with all-equal values has no rank correlation
-    tail = (1 - level) / 2
-    lo, hi = (np.quantile(boots, tail), np.quantile(boots, 1 - tail)) if len(boots) else (math.nan, math.nan)
-    return Correlation(float(rho(np.arange(len(x)))), float(lo), float(hi), len(x))
-
-
-@dataclass(frozen=True)
-class RankTest:
-    """Spearman's ``rho`` of ``n`` pairs and its two-sided permutation ``p``-value (``exact``: over
-    every pairing, else Monte Carlo)."""
-
-    rho: float
-    p: float
-    n: int
-    exact: bool
-
-
-def spearman_test(a, b, *, n_resamples: int = 9_999) -> RankTest:
-    """Spearman's ρ of ``a`` and ``b`` and its permutation p-value: exact (all n! pairings) when
-    n! <= ``n_resamples``, e.g. for 7 architectures, else ``n_resamples`` seeded random pairings.
-    Fewer than 3 pairs give NaN."""
-    from scipy.stats import permutation_test, rankdata
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"spearman_test needs two 1-D arrays of the same length, got {a.shape} and {b.shape}")
-    if len(a) < 3:
-        return RankTest(math.nan, math.nan, len(a), False)
-    rb = rankdata(b) - (len(b) + 1) / 2
-
-    def rho(x, axis=-1):
-        ra = rankdata(x, axis=-1) - (x.shape[-1] + 1) / 2
-        denominator = np.sqrt((ra**2).sum(-1) * (rb**2).sum())
-        return np.divide((ra * rb).sum(-1), denominator, out=np.full(ra.shape[:-1], np.nan), where=denominator > 0)
-
-    test = permutation_test(
-        (a,), rho, permutation_type="pairings", n_resamples=n_resamples, vectorized=True, random_state=0
-    )
-    return RankTest(float(test.statistic), float(test.pvalue), len(a), math.factorial(len(a)) <= n_resamples)
 
 
 def random_pairs(n: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
