@@ -11,8 +11,8 @@ elementwise maths stay fp32), ``"fp32"`` runs everything in fp32, ``"auto"`` is 
 fp32 on CPU, ``"native"`` is bf16 wherever the hardware multiplies bf16 natively (CUDA, CPUs with
 AVX512-BF16 or AMX) and fp32 elsewhere. bf16 roughly doubles GEMM-bound training on GPUs and triples
 it on CPUs with AVX512-BF16/AMX, at the price of ~3 significant digits in each matmul's inputs; on a
-CPU without them (``cpu_has_native_bf16()`` false) bf16 is emulated: a [1,024 × 576] × [576 × 1,152]
-product ran 54× slower than in fp32 on a 2-core AVX2 AMD EPYC (2 against 109 GFLOP/s).
+CPU without them (``cpu_has_native_bf16()`` false) bf16 is emulated: a 3-seed batch of [1,024 × 576] ×
+[576 × 1,152] products ran 54× slower than in fp32 on a 2-core AVX2 AMD EPYC (2 against 109 GFLOP/s).
 ``maybe_compile`` wraps a function with ``torch.compile`` (fused CPU/GPU kernels: the SAE training
 step is bound by elementwise memory traffic, which fusion removes) and falls back to eager
 execution, with one warning, when compilation is disabled (``PAPERLIB_COMPILE=0``) or fails, e.g. on
