@@ -159,9 +159,9 @@ def test_float32_scan_path(monkeypatch):
 def test_a_side_too_large_to_keep_is_normalised_as_read_with_the_same_result(monkeypatch, dtype):
     """Above ``KEEP_BYTES`` a side is kept as given (float32 not copied to float64) and normalised row by row when
     read: the same float64 unit rows, so the same certified matching and the same weights, bit for bit."""
-    # the bf16 scan's wide bound forces the float64 rescans this test is about, on any CPU (with AVX512-BF16 it is the
-    # default scan; elsewhere the fp32 scan certifies every row of so small a problem without one)
-    monkeypatch.setattr(matching, "_scan_dtype", lambda dev: torch.bfloat16)
+    # the bf16 scan's wide bound, with no fp32 tier after it, forces the float64 rescans this test is about, on any
+    # CPU (elsewhere the fp32 scan certifies every row of so small a problem without one)
+    monkeypatch.setattr(matching, "_scan_tiers", lambda dev: (torch.bfloat16,))
     rng = np.random.default_rng(5)
     a, b = rng.standard_normal((300, 64)).astype(dtype), rng.standard_normal((700, 64)).astype(dtype)
     b[::7] *= 3.0  # rows of different norms
@@ -181,6 +181,36 @@ def test_a_side_too_large_to_keep_is_normalised_as_read_with_the_same_result(mon
     bad[[3, 650]] = 0.0
     with pytest.raises(ValueError, match="b has 2 zero-norm rows"):  # counted across chunks
         match(a, bad, dense_limit=16)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_vectors_failing_a_bfloat16_rescan_go_to_fp32_before_float64(monkeypatch, signed):
+    """Random dictionaries at d = 256 leave many rows uncertified by bfloat16 scans (bound 0.010 against gaps of a few
+    thousandths): they are rescanned in fp32 rather than in float64, with the same optimum, on any CPU."""
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((300, 256)), rng.standard_normal((400, 256))
+    runs = {}
+    for tiers in [(torch.bfloat16, torch.float32), (torch.bfloat16,)]:
+        monkeypatch.setattr(matching, "_scan_tiers", lambda dev, tiers=tiers: tiers)
+        runs[len(tiers)] = match(a, b, signed=signed, dense_limit=16, top_c=1)
+    tiered, direct = runs[2], runs[1]
+    assert tiered.stats["rows_float32"] > 0 and direct.stats["rows_exact"] > 0
+    assert tiered.stats.get("rows_exact", 0) < direct.stats["rows_exact"]
+    assert tiered.certified and tiered.weights.sum() == pytest.approx(_scipy_opt(a, b, signed), abs=1e-9)
+    assert np.array_equal(tiered.cols, direct.cols)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_vector_failing_its_fp32_rescan_goes_on_to_float64(monkeypatch, signed):
+    """All three tiers in one solve: columns in pairs 1e-6 apart, closer than the fp32 bound (~1e-5 at d = 64), leave
+    rows that only a float64 rescan certifies."""
+    monkeypatch.setattr(matching, "_scan_tiers", lambda dev: (torch.bfloat16, torch.float32))
+    rng = np.random.default_rng(0)
+    a, base = rng.standard_normal((300, 64)), rng.standard_normal((200, 64))
+    b = np.concatenate([base, base + 1e-6 * rng.standard_normal((200, 64))])
+    m = match(a, b, signed=signed, dense_limit=16, top_c=1)
+    assert m.stats["rows_float32"] > 0 and m.stats["rows_exact"] > 0
+    assert m.certified and m.weights.sum() == pytest.approx(_scipy_opt(a, b, signed), abs=1e-9)
 
 
 def test_duplicates_and_ties():
