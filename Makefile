@@ -4,6 +4,7 @@
 #   make test                                     the whole test suite (unit tests + notebooks via nbval)
 #   make test-peers                               exports loaded back by the real SAELens and sparsify
 #   make browser                                  playwright + Debian's chromium for the explorer page's browser test
+#   make slurm                                    a one-node SLURM cluster (root) for the sweep's real SLURM jobs test
 #   make screenshots [PROFILE=...]                the README's pictures of the explorer pages (after make figures)
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
@@ -40,7 +41,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED := $(patsubst notebooks/%.ipynb,build/$(PROFILE)/%.ipynb,$(NOTEBOOKS))
 LIBRARY := $(shell find paperlib -name '*.py' -o -name '*.cpp' -o -name '*.toml')
 
-.PHONY: setup assets browser figures screenshots test test-integration test-peers lab bench lock clean clean-cache
+.PHONY: setup assets browser slurm figures screenshots test test-integration test-peers lab bench lock clean clean-cache
 
 setup: $(SETUP_STAMP)
 assets: $(ASSETS_STAMP)
@@ -89,7 +90,16 @@ browser: $(BROWSER_STAMP)
 	    || echo "warning: apt-get could not install chromium: tests/test_explorer_browser.py will skip"; \
 	else echo "note: no chromium (apt-get install chromium as root): tests/test_explorer_browser.py will skip"; fi
 
-test: $(ASSETS_STAMP) browser
+# A one-node SLURM cluster on this machine for tests/test_slurm.py (tests/slurm_cluster.sh: Debian's slurm-wlm and
+# munge, started as root and left running; its own configuration, so no other cluster is touched). Without root or
+# apt-get the tests skip and say why.
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  bash tests/slurm_cluster.sh \
+	    || echo "warning: no test SLURM cluster (tests/slurm_cluster.sh failed): tests/test_slurm.py will skip"; \
+	else echo "note: a test SLURM cluster needs root (tests/slurm_cluster.sh): tests/test_slurm.py will skip"; fi
+
+test: $(ASSETS_STAMP) browser slurm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
