@@ -232,8 +232,7 @@ class _Side:
         self.thr = np.full(n, np.inf)  # no record yet: bounds nothing
         self.ref_id = np.full(n, -1)
         self.scan_sol = np.full(n, -1)  # id of the solve whose duals were the reference
-        self.exact_sol = np.full(n, -1)  # same, for float64 scans
-        self.tier = np.full(n, -1)  # index into _Problem.tiers of the last low-precision scan
+        self.tier = np.full(n, -1)  # index into _Problem.tiers of the last scan; len(tiers): a float64 scan
         self.refs: list[tuple[np.ndarray, float, float]] = []  # (reference r, error e, c_out)
 
 
@@ -277,7 +276,7 @@ class _Problem:
             # fp32 one is 2.1 GB: kept, it would raise the peak by that), takes the reference in its last column
             ob = side.other64.scan_copy(self.dev, prec.dtype)
             ob[:, -1] = -r_lp
-            block = max(1, self.block * 2 // prec.dtype.itemsize // (1 if self.signed else 2))  # same buffer bytes
+            block = max(1, self.block * 2 // prec.dtype.itemsize)  # the same output bytes as the bfloat16 scan
         ot = ob.T.contiguous() if self.dev.type != "cpu" else ob.T
         ids_t = torch.from_numpy(ids).to(self.dev)
         for s in range(0, ids.size, block):
@@ -306,7 +305,9 @@ class _Problem:
         lp[:, -1] = 1
         if self.signed:
             return torch.topk(torch.matmul(lp, ot), k, dim=1)
-        both = torch.matmul(torch.cat([lp, torch.cat([-lp[:, :-1], lp[:, -1:]], 1)]), ot)
+        flip = torch.ones(lp.shape[1], dtype=dtype, device=self.dev)
+        flip[:-1] = -1  # [-a, 1]: the same reference, -s
+        both = torch.matmul(torch.cat([lp, lp * flip]), ot)
         n_own, n_oth = own.shape[0], ot.shape[1]
         halves = [torch.topk(h, min(k, n_oth), dim=1) for h in (both[:n_own], both[n_own:])]
         v, pos = torch.topk(torch.cat([h.values for h in halves], 1), k, dim=1)
@@ -341,7 +342,6 @@ class _Problem:
             side.thr[blk] = red.max(1)
         side.ref_id[ids] = len(side.refs) - 1
         side.scan_sol[ids] = sol_id
-        side.exact_sol[ids] = sol_id
         side.tier[ids] = len(self.tiers)
 
     def exact(self, ri: np.ndarray, cj: np.ndarray) -> np.ndarray:
@@ -437,8 +437,9 @@ def _pick_columns(
     for q in np.unique(side.ref_id[fail]):
         badness = np.maximum(badness, side.refs[q][0] - v)
     open_ = ~col_ok
-    cand = np.flatnonzero(open_ & (cs.exact_sol != sol_id))
-    rest = open_ & (cs.exact_sol == sol_id)
+    exact = (cs.scan_sol == sol_id) & (cs.tier == len(p.tiers))  # scanned in float64 under these duals
+    cand = np.flatnonzero(open_ & ~exact)
+    rest = open_ & exact
     floor = badness[rest].max() if rest.any() else -np.inf
     order = cand[np.argsort(-badness[cand], kind="stable")]
     level = np.maximum(np.append(badness[order], -np.inf), floor)  # max badness left after p picks
@@ -516,15 +517,18 @@ def _sparse(p: _Problem, t0: float) -> tuple[np.ndarray, np.ndarray, bool, dict]
             st[name + "_rechecked"] += ids.size
             # a vector failing again under the same duals is rescanned one tier up, then in float64
             level = np.where(side.scan_sol[ids] != sol_id, 0, side.tier[ids] + 1)
-            for tier, prec in enumerate(p.tiers):
-                if (level == tier).any():
-                    p.scan(side, ids[level == tier], d_oth, sol_id, tier)
-                    if tier:
-                        key = f"{name}_{str(prec.dtype).replace('torch.', '')}"
-                        st[key] = st.get(key, 0) + int((level == tier).sum())
-            if (level >= len(p.tiers)).any():
-                st[name + "_exact"] = st.get(name + "_exact", 0) + int((level >= len(p.tiers)).sum())
-                p.scan64(side, ids[level >= len(p.tiers)], d_own, d_oth, es, sol_id)
+            for tier in range(len(p.tiers) + 1):
+                picked = ids[np.minimum(level, len(p.tiers)) == tier]
+                if picked.size == 0:
+                    continue
+                if tier == len(p.tiers):
+                    st[name + "_exact"] = st.get(name + "_exact", 0) + picked.size
+                    p.scan64(side, picked, d_own, d_oth, es, sol_id)
+                    continue
+                p.scan(side, picked, d_oth, sol_id, tier)
+                if tier:
+                    key = f"{name}_{str(p.tiers[tier].dtype).replace('torch.', '')}"
+                    st[key] = st.get(key, 0) + picked.size
         dirty = p.violated
         tm["scan"] += time.perf_counter() - t
     assert sol is not None  # the first round always solves
